@@ -1,0 +1,159 @@
+// Sparse decode on the CPU: out_t = bias + sum_k val[t, k] W_dec[idx[t, k]] (a gather of
+// decoder rows, contiguous along d_in), and its backward:
+//   grad_val[t, k] = grad_out_t . W_dec[idx[t, k]]     (0 on padding slots)
+//   grad_W_dec[i]  = sum over active (t, k) with idx = i of val[t, k] grad_out_t
+// The scatter is done feature by feature from the pairs grouped by feature: deterministic, no
+// atomics, every row of grad_W_dec written once (zeros for features nobody used).
+#include "common.h"
+
+#include <algorithm>
+
+namespace gsae_fast {
+namespace {
+
+void check_decode_inputs(const at::Tensor& idx, const at::Tensor& val, const at::Tensor& counts,
+                         const at::Tensor& W_dec, const char* op) {
+  check_sparse(idx, counts, op);
+  TORCH_CHECK(W_dec.dim() == 2, op, ": W_dec must be [d_sae, d_in], got ", W_dec.sizes());
+  TORCH_CHECK(at::isFloatingType(W_dec.scalar_type()), op, ": W_dec must be floating point");
+  TORCH_CHECK(val.sizes() == idx.sizes(), op, ": val must have the shape of idx");
+  TORCH_CHECK(val.scalar_type() == acc_dtype(W_dec.scalar_type()), op, ": val must have dtype ",
+              acc_dtype(W_dec.scalar_type()), " for W_dec of dtype ", W_dec.scalar_type(),
+              ", got ", val.scalar_type());
+  for (auto [t, name] : {std::pair{&idx, "idx"}, {&val, "val"}, {&counts, "counts"},
+                         {&W_dec, "W_dec"}})
+    check_cpu_contiguous(*t, op, name);
+}
+
+template <typename scalar_t, typename acc_t>
+void decode_impl(const at::Tensor& idx_t, const at::Tensor& val_t, const at::Tensor& counts_t,
+                 const at::Tensor& W_dec, const scalar_t* bias, at::Tensor& out_t) {
+  const int64_t B = idx_t.size(0), K = idx_t.size(1), d_sae = W_dec.size(0), d_in = W_dec.size(1);
+  const int32_t* idx = idx_t.data_ptr<int32_t>();
+  const int32_t* counts = counts_t.data_ptr<int32_t>();
+  const acc_t* val = val_t.data_ptr<acc_t>();
+  const scalar_t* W = W_dec.data_ptr<scalar_t>();
+  scalar_t* out = out_t.data_ptr<scalar_t>();
+  at::parallel_for(0, B, 16, [&](int64_t t0, int64_t t1) {
+    std::vector<acc_t> acc(d_in);
+    for (int64_t t = t0; t < t1; ++t) {
+      for (int64_t d = 0; d < d_in; ++d) acc[d] = bias ? static_cast<acc_t>(bias[d]) : acc_t(0);
+      const int64_t c = counts[t];
+      TORCH_CHECK(c >= 0 && c <= K, "gsae_fast.sparse_decode: counts[", t, "] = ", c,
+                  " is outside [0, ", K, "]");
+      for (int64_t k = 0; k < c; ++k) {
+        const int64_t i = idx[t * K + k];
+        TORCH_CHECK(i >= 0 && i < d_sae, "gsae_fast.sparse_decode: feature index ", i,
+                    " is outside [0, ", d_sae, ")");
+        const acc_t v = val[t * K + k];
+        const scalar_t* row = W + i * d_in;
+        for (int64_t d = 0; d < d_in; ++d) acc[d] += v * static_cast<acc_t>(row[d]);
+      }
+      scalar_t* o = out + t * d_in;
+      for (int64_t d = 0; d < d_in; ++d) o[d] = static_cast<scalar_t>(acc[d]);
+    }
+  });
+}
+
+template <typename scalar_t, typename acc_t>
+void decode_backward_impl(const at::Tensor& go_t, const at::Tensor& idx_t, const at::Tensor& val_t,
+                          const at::Tensor& counts_t, const at::Tensor& W_dec, bool need_val,
+                          bool need_W, at::Tensor& gval_t, at::Tensor& gW_t) {
+  const char* op = "gsae_fast.sparse_decode_backward";
+  const int64_t B = idx_t.size(0), K = idx_t.size(1), d_sae = W_dec.size(0), d_in = W_dec.size(1);
+  const int32_t* idx = idx_t.data_ptr<int32_t>();
+  const int32_t* counts = counts_t.data_ptr<int32_t>();
+  const acc_t* val = val_t.data_ptr<acc_t>();
+  const scalar_t* W = W_dec.data_ptr<scalar_t>();
+  const scalar_t* go = go_t.data_ptr<scalar_t>();
+  // grad_out widened once per row block; both products read it many times.
+  const FeatureGroups groups =
+      need_W ? group_by_feature(idx, counts, B, K, d_sae, op) : FeatureGroups{};
+  if (need_val) {
+    acc_t* gval = gval_t.data_ptr<acc_t>();
+    at::parallel_for(0, B, 16, [&](int64_t t0, int64_t t1) {
+      std::vector<acc_t> g(d_in);
+      for (int64_t t = t0; t < t1; ++t) {
+        for (int64_t d = 0; d < d_in; ++d) g[d] = static_cast<acc_t>(go[t * d_in + d]);
+        const int64_t c = counts[t];
+        TORCH_CHECK(c >= 0 && c <= K, op, ": counts[", t, "] = ", c, " is outside [0, ", K, "]");
+        for (int64_t k = 0; k < K; ++k) {
+          acc_t dot = 0;
+          if (k < c) {
+            const int64_t i = idx[t * K + k];
+            TORCH_CHECK(i >= 0 && i < d_sae, op, ": feature index ", i, " is outside [0, ",
+                        d_sae, ")");
+            const scalar_t* row = W + i * d_in;
+#pragma omp simd reduction(+ : dot)  // lets the compiler reorder the sum into vector lanes
+            for (int64_t d = 0; d < d_in; ++d) dot += g[d] * static_cast<acc_t>(row[d]);
+          }
+          gval[t * K + k] = dot;
+        }
+      }
+    });
+  }
+  if (need_W) {
+    scalar_t* gW = gW_t.data_ptr<scalar_t>();
+    at::parallel_for(0, d_sae, 64, [&](int64_t i0, int64_t i1) {
+      std::vector<acc_t> acc(d_in);
+      for (int64_t i = i0; i < i1; ++i) {
+        std::fill(acc.begin(), acc.end(), acc_t(0));
+        for (int64_t p = groups.col_ptr[i]; p < groups.col_ptr[i + 1]; ++p) {
+          const int64_t e = groups.entries[p];
+          const acc_t v = val[e];
+          const scalar_t* g = go + (e / K) * d_in;
+          for (int64_t d = 0; d < d_in; ++d) acc[d] += v * static_cast<acc_t>(g[d]);
+        }
+        scalar_t* o = gW + i * d_in;
+        for (int64_t d = 0; d < d_in; ++d) o[d] = static_cast<scalar_t>(acc[d]);
+      }
+    });
+  }
+}
+
+}  // namespace
+
+at::Tensor sparse_decode_cpu(const at::Tensor& idx, const at::Tensor& val,
+                             const at::Tensor& counts, const at::Tensor& W_dec,
+                             const std::optional<at::Tensor>& bias) {
+  const char* op = "gsae_fast.sparse_decode";
+  at::AutoDispatchBelowADInplaceOrView guard;  // inner ATen calls skip autograd
+  check_decode_inputs(idx, val, counts, W_dec, op);
+  const int64_t B = idx.size(0), d_in = W_dec.size(1);
+  if (bias) {
+    check_cpu_contiguous(*bias, op, "bias");
+    check_vector(*bias, d_in, W_dec.scalar_type(), op, "bias");
+  }
+  at::Tensor out = at::empty({B, d_in}, W_dec.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, W_dec.scalar_type(),
+                                  "sparse_decode_cpu", [&] {
+    decode_impl<scalar_t, at::opmath_type<scalar_t>>(
+        idx, val, counts, W_dec, bias ? bias->data_ptr<scalar_t>() : nullptr, out);
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> sparse_decode_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& idx, const at::Tensor& val,
+    const at::Tensor& counts, const at::Tensor& W_dec, bool need_val, bool need_W_dec) {
+  const char* op = "gsae_fast.sparse_decode_backward";
+  at::AutoDispatchBelowADInplaceOrView guard;  // inner ATen calls skip autograd
+  check_decode_inputs(idx, val, counts, W_dec, op);
+  check_cpu_contiguous(grad_out, op, "grad_out");
+  TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == idx.size(0) &&
+                  grad_out.size(1) == W_dec.size(1),
+              op, ": grad_out must be [B, d_in]");
+  TORCH_CHECK(grad_out.scalar_type() == W_dec.scalar_type(), op,
+              ": grad_out must have the dtype of W_dec");
+  at::Tensor gval = need_val ? at::empty(idx.sizes(), val.options()) : at::empty({0}, val.options());
+  at::Tensor gW = need_W_dec ? at::empty(W_dec.sizes(), W_dec.options())
+                             : at::empty({0}, W_dec.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, W_dec.scalar_type(),
+                                  "sparse_decode_backward_cpu", [&] {
+    decode_backward_impl<scalar_t, at::opmath_type<scalar_t>>(grad_out, idx, val, counts, W_dec,
+                                                               need_val, need_W_dec, gval, gW);
+  });
+  return {gval, gW};
+}
+
+}  // namespace gsae_fast

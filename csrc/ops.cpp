@@ -1,0 +1,58 @@
+// The kernel ops of the compiled extension, namespace gsae_fast_C. Users never call these: the
+// public ops (gsae_fast/ops.py, namespace gsae_fast) carry the autograd, the fake kernels, the
+// capacity handling, and choose an executor; these are the "cpu" (and, when built, "cuda")
+// executors of that math. Schemas live here; each device's sources register their kernels.
+#include <Python.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+namespace gsae_fast {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_encode_cpu(
+    const at::Tensor& x, const at::Tensor& W_enc, const at::Tensor& b_dec,
+    const at::Tensor& b_gate, const at::Tensor& r_mag, const at::Tensor& b_mag,
+    int64_t capacity);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+gated_encode_backward_cpu(const at::Tensor& x, const at::Tensor& W_enc, const at::Tensor& b_dec,
+                          const at::Tensor& b_gate, const at::Tensor& r_mag,
+                          const at::Tensor& b_mag, const at::Tensor& idx, const at::Tensor& f,
+                          const at::Tensor& pi_gate, const at::Tensor& counts,
+                          const at::Tensor& grad_f, const at::Tensor& grad_pi_gate, bool need_x);
+at::Tensor sparse_decode_cpu(const at::Tensor& idx, const at::Tensor& val,
+                             const at::Tensor& counts, const at::Tensor& W_dec,
+                             const std::optional<at::Tensor>& bias);
+std::tuple<at::Tensor, at::Tensor> sparse_decode_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& idx, const at::Tensor& val,
+    const at::Tensor& counts, const at::Tensor& W_dec, bool need_val, bool need_W_dec);
+}  // namespace gsae_fast
+
+TORCH_LIBRARY(gsae_fast_C, m) {
+  m.def(
+      "gated_encode(Tensor x, Tensor W_enc, Tensor b_dec, Tensor b_gate, Tensor r_mag, "
+      "Tensor b_mag, int capacity) -> (Tensor idx, Tensor f, Tensor pi_gate, Tensor counts, "
+      "Tensor status)");
+  m.def(
+      "gated_encode_backward(Tensor x, Tensor W_enc, Tensor b_dec, Tensor b_gate, Tensor r_mag, "
+      "Tensor b_mag, Tensor idx, Tensor f, Tensor pi_gate, Tensor counts, Tensor grad_f, "
+      "Tensor grad_pi_gate, bool need_x) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "sparse_decode(Tensor idx, Tensor val, Tensor counts, Tensor W_dec, Tensor? bias) -> "
+      "Tensor");
+  m.def(
+      "sparse_decode_backward(Tensor grad_out, Tensor idx, Tensor val, Tensor counts, "
+      "Tensor W_dec, bool need_val, bool need_W_dec) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(gsae_fast_C, CPU, m) {
+  m.impl("gated_encode", &gsae_fast::gated_encode_cpu);
+  m.impl("gated_encode_backward", &gsae_fast::gated_encode_backward_cpu);
+  m.impl("sparse_decode", &gsae_fast::sparse_decode_cpu);
+  m.impl("sparse_decode_backward", &gsae_fast::sparse_decode_backward_cpu);
+}
+
+// Importing gsae_fast._C loads the library, which runs the registrations above.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&def);
+}

@@ -1,0 +1,18 @@
+"""gsae_fast: fast kernels for Gated Sparse Autoencoders.
+
+    import gsae_fast
+    sae = gsae_fast.GatedSAE(d_in=512, d_sae=16384)       # backend="auto"
+    out = sae.loss(x, l1_coefficient=1e-3)                  # out.loss.backward()
+    acts = sae.encode_sparse(x)                             # SparseActs: idx, f, pi_gate, counts
+
+See README.md, and ../DESIGN.md for the math and conventions.
+"""
+from . import backends, ops, reference
+from .backends import available_backends
+from .modules import GatedSAE
+from .ops import gated_encode, gated_sae_loss, sparse_decode
+from .types import GatedLoss, SparseActs
+
+__version__ = "0.1.0"
+__all__ = ["GatedSAE", "SparseActs", "GatedLoss", "available_backends", "gated_encode",
+           "sparse_decode", "gated_sae_loss", "ops", "reference", "backends"]

@@ -1,0 +1,100 @@
+"""The one dispatch point: which executors are built, and which one runs a call.
+
+Backends (``backend=`` everywhere):
+
+- ``"reference"``: plain PyTorch on any device (module level: the dense reference math;
+  op level: gsae_fast.torch_executor);
+- ``"cpu"``: the compiled C++ kernels (gsae_fast._C) on CPU tensors;
+- ``"cuda"``: compiled CUDA kernels on CUDA tensors (when the extension was built with them);
+- ``"triton"``: Triton kernels in gsae_fast.kernels on CUDA tensors (when present);
+- ``"auto"``: the fastest built executor for the tensors' device.
+"""
+from __future__ import annotations
+
+import importlib
+import warnings
+from typing import Optional
+
+import torch
+
+from . import torch_executor
+
+BACKENDS = ("reference", "cpu", "cuda", "triton")
+# Fastest first, per device type; "auto" takes the first one that is built.
+_AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("triton", "cuda", "reference")}
+
+_ext_error: Optional[str] = None
+try:
+    from . import _C  # noqa: F401  (loading it registers the gsae_fast_C kernel ops)
+except ImportError as e:  # pragma: no cover - depends on the build
+    _ext_error = str(e)
+    warnings.warn(f"gsae_fast: compiled kernels not available ({e}); using the PyTorch "
+                  "reference executor", RuntimeWarning, stacklevel=2)
+
+
+def _has_kernel(op: str, key: str) -> bool:
+    return _ext_error is None and torch._C._dispatch_has_kernel_for_dispatch_key(op, key)
+
+
+def _triton_kernels():
+    try:
+        mod = importlib.import_module("gsae_fast.kernels")
+    except ImportError:
+        return None
+    return mod if getattr(mod, "EXECUTOR_READY", False) else None
+
+
+def why_unavailable(backend: str, device: torch.device) -> Optional[str]:
+    """None if ``backend`` can run on ``device``, else the reason it cannot."""
+    if backend not in BACKENDS:
+        return f"unknown backend {backend!r}; choose from {('auto',) + BACKENDS}"
+    if backend == "reference":
+        return None
+    if backend == "cpu":
+        if device.type != "cpu":
+            return f"backend 'cpu' runs on CPU tensors, got a tensor on {device}"
+        if not _has_kernel("gsae_fast_C::gated_encode", "CPU"):
+            return f"the C++ extension gsae_fast._C is not built ({_ext_error})"
+        return None
+    if device.type != "cuda":
+        return f"backend {backend!r} runs on CUDA tensors, got a tensor on {device}"
+    if backend == "cuda":
+        if not _has_kernel("gsae_fast_C::gated_encode", "CUDA"):
+            return ("gsae_fast._C was built without CUDA kernels (rebuild on a machine with a "
+                    "CUDA toolkit, or GSAE_FAST_CUDA=1)")
+        return None
+    if _triton_kernels() is None:
+        return "the Triton executor is not available (triton missing or kernels not built)"
+    return None
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    device = torch.device(device)
+    return [b for b in BACKENDS if why_unavailable(b, device) is None]
+
+
+def resolve(backend: str, device: torch.device | str) -> str:
+    """The concrete backend for a call on ``device``; a clear error if it cannot run there."""
+    device = torch.device(device)
+    if backend == "auto":
+        for b in _AUTO_ORDER.get(device.type, ("reference",)):
+            if why_unavailable(b, device) is None:
+                return b
+        return "reference"
+    reason = why_unavailable(backend, device)
+    if reason is not None:
+        raise RuntimeError(f"gsae_fast: backend {backend!r} is not usable: {reason}")
+    return backend
+
+
+def executor(backend: str):
+    """The kernel functions (gated_encode, gated_encode_backward, sparse_decode,
+    sparse_decode_backward) of a concrete backend."""
+    if backend == "reference":
+        return torch_executor
+    if backend in ("cpu", "cuda"):
+        return torch.ops.gsae_fast_C
+    if backend == "triton":
+        return _triton_kernels()
+    raise ValueError(f"unknown backend {backend!r}")
+

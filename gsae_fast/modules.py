@@ -1,0 +1,109 @@
+"""``gsae_fast.GatedSAE``: a Gated SAE module with SAELens' parameters, on the fast ops."""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from . import backends, ops, reference
+from .types import GatedLoss, SparseActs
+
+
+class GatedSAE(nn.Module):
+    """Gated Sparse Autoencoder (Rajamanoharan et al. 2024) with weight sharing.
+
+    Parameters, SAELens' names, shapes and initialisation: ``W_enc [d_in, d_sae]``,
+    ``W_dec [d_sae, d_in]`` (Kaiming-uniform rows scaled to norm ``decoder_init_norm``),
+    ``W_enc = W_dec.T`` at init, ``b_dec``, ``b_gate``, ``r_mag``, ``b_mag`` zeros.
+
+    ``backend`` picks the executor: ``"auto"`` (the fastest built one for the input's device),
+    ``"reference"`` (dense PyTorch), ``"cpu"`` (C++ kernels), ``"cuda"``, ``"triton"``. A backend
+    that is not built, or does not run on the input's device, raises a RuntimeError saying why.
+
+    The module remembers the largest row count it has seen and sizes the next sparse encode from
+    it, so a training loop almost never pays for a capacity overflow.
+    """
+
+    def __init__(self, d_in: int, d_sae: int, *, dtype: Optional[torch.dtype] = None,
+                 device: Optional[Union[torch.device, str]] = None, backend: str = "auto",
+                 decoder_init_norm: Optional[float] = 0.1):
+        super().__init__()
+        if d_in <= 0 or d_sae <= 0:
+            raise ValueError(f"d_in and d_sae must be positive, got {d_in}, {d_sae}")
+        if backend != "auto" and backend not in backends.BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose from "
+                             f"{('auto',) + backends.BACKENDS}")
+        self.d_in, self.d_sae, self.backend = d_in, d_sae, backend
+        if backend not in ("auto", "reference"):
+            dev = torch.device(device) if device is not None else torch.device("cpu")
+            backends.resolve(backend, dev)  # fail now, with the reason, not at the first call
+        kw = dict(dtype=dtype, device=device)
+        W_dec = torch.empty(d_sae, d_in, **kw)
+        nn.init.kaiming_uniform_(W_dec)
+        if decoder_init_norm is not None:
+            with torch.no_grad():
+                W_dec *= decoder_init_norm / W_dec.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(W_dec)
+        self.W_enc = nn.Parameter(W_dec.T.clone().contiguous())
+        self.b_dec = nn.Parameter(torch.zeros(d_in, **kw))
+        self.b_gate = nn.Parameter(torch.zeros(d_sae, **kw))
+        self.r_mag = nn.Parameter(torch.zeros(d_sae, **kw))
+        self.b_mag = nn.Parameter(torch.zeros(d_sae, **kw))
+        self._capacity: Optional[int] = None
+
+    def extra_repr(self) -> str:
+        return f"d_in={self.d_in}, d_sae={self.d_sae}, backend={self.backend!r}"
+
+    def _encoder_params(self) -> tuple[Tensor, ...]:
+        return self.W_enc, self.b_dec, self.b_gate, self.r_mag, self.b_mag
+
+    def _backend_for(self, x: Tensor) -> str:
+        return backends.resolve(self.backend, x.device)
+
+    def _remember(self, max_count: Optional[int]) -> None:
+        if max_count is not None:
+            self._capacity = ops.next_capacity(max_count, self.d_sae)
+
+    def encode_sparse(self, x: Tensor) -> SparseActs:
+        """Active features of ``x [..., d_in]`` in the sparse format (any backend)."""
+        acts = ops.gated_encode(x, *self._encoder_params(), capacity=self._capacity,
+                                backend=self._backend_for(x))
+        self._remember(acts.max_count)
+        return acts
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Dense feature activations ``[..., d_sae]`` (SAELens ``encode`` semantics)."""
+        if self._backend_for(x) == "reference":
+            return reference.encode(x, *self._encoder_params())
+        return self.encode_sparse(x).to_dense(dtype=x.dtype)
+
+    def decode(self, acts: Union[SparseActs, Tensor]) -> Tensor:
+        """``acts @ W_dec + b_dec`` for dense ``[..., d_sae]`` or sparse activations."""
+        if isinstance(acts, SparseActs):
+            return ops.sparse_decode(acts, self.W_dec, self.b_dec,
+                                     backend=backends.resolve(self.backend, self.W_dec.device))
+        if acts.shape[-1] != self.d_sae:
+            raise ValueError(f"decode: acts must be [..., d_sae={self.d_sae}], got "
+                             f"{list(acts.shape)}")
+        return reference.decode(acts, self.W_dec, self.b_dec)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The reconstruction ``x_hat [..., d_in]``."""
+        if self._backend_for(x) == "reference":
+            return reference.decode(self.encode(x), self.W_dec, self.b_dec)
+        return self.decode(self.encode_sparse(x))
+
+    def loss(self, x: Tensor, l1_coefficient: float, *, sparsity: str = "unit",
+             aux: str = "frozen") -> GatedLoss:
+        """The Gated SAE training loss of a batch (see gsae_fast.reference for the options).
+
+        Defaults follow the paper: unit sparsity weights (keep decoder rows at unit norm) and a
+        frozen decoder in the auxiliary term; SAELens trains with ``sparsity="decoder_norm",
+        aux="shared"``.
+        """
+        out = ops.gated_sae_loss(x, self.W_enc, self.W_dec, self.b_dec, self.b_gate, self.r_mag,
+                                 self.b_mag, l1_coefficient, sparsity=sparsity, aux=aux,
+                                 backend=self._backend_for(x), capacity=self._capacity)
+        self._remember(out.max_count)
+        return out

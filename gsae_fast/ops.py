@@ -1,0 +1,285 @@
+"""Functional Gated SAE ops: fused gated encode to the sparse format, sparse decode, and the
+training loss, with autograd, on any executor (see gsae_fast.backends).
+
+Three layers, each in one place:
+
+1. torch custom ops ``gsae_fast::gated_encode``, ``gsae_fast::gated_encode_backward``,
+   ``gsae_fast::sparse_decode``, ``gsae_fast::sparse_decode_backward``: fixed-shape, functional,
+   with fake kernels (torch.compile, opcheck) and autograd; a ``backend`` argument names the
+   executor that runs them.
+2. Python wrappers (:func:`gated_encode`, :func:`sparse_decode`): input checks, leading batch
+   dims, and the capacity protocol: the encode op reports the true per-row counts, and an
+   overflow is re-run with the exact capacity, so no active feature is ever dropped.
+3. :func:`gated_sae_loss`: the whole Gated SAE loss on the sparse path (one dense GEMM, all else
+   proportional to B * L0 * d_in), switching to the dense math when L0 is too high for the
+   sparse path to win.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import backends
+from . import reference
+from .types import GatedLoss, SparseActs, acc_dtype
+
+# Capacity (slots per row) tried when the caller has no better guess.
+DEFAULT_CAPACITY = 256
+# The loss goes dense when the expected largest row count exceeds this fraction of d_sae.
+# Measured by bench/bench_step.py (bench/NOTES.md, "dense switch"): on 2 CPU cores the sparse
+# step is still faster than the dense one at L0 = d_sae / 8.
+DENSE_SWITCH_FRACTION = 0.25
+
+
+def next_capacity(max_count: int, d_sae: int) -> int:
+    """Capacity to try for the next batch after one whose largest row had ``max_count`` actives:
+    25% headroom plus a few slots, a multiple of 16, at most d_sae."""
+    return min(d_sae, (int(max_count * 1.25) + 8 + 15) // 16 * 16)
+
+
+# --------------------------------------------------------------------------------------------
+# Layer 1: the custom ops.
+# --------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("gsae_fast::gated_encode", mutates_args=())
+def _encode_op(x: Tensor, W_enc: Tensor, b_dec: Tensor, b_gate: Tensor, r_mag: Tensor,
+               b_mag: Tensor, capacity: int, backend: str
+               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (idx, f, pi_gate, counts, status); status = [max true count, any NaN/Inf]."""
+    return tuple(backends.executor(backend).gated_encode(x, W_enc, b_dec, b_gate, r_mag, b_mag,
+                                                         capacity))
+
+
+@_encode_op.register_fake
+def _(x, W_enc, b_dec, b_gate, r_mag, b_mag, capacity, backend):
+    B, acc = x.shape[0], acc_dtype(x.dtype)
+    return (x.new_empty((B, capacity), dtype=torch.int32), x.new_empty((B, capacity), dtype=acc),
+            x.new_empty((B, capacity), dtype=acc), x.new_empty((B,), dtype=torch.int32),
+            x.new_empty((2,), dtype=torch.int32))
+
+
+@torch.library.custom_op("gsae_fast::gated_encode_backward", mutates_args=())
+def _encode_backward_op(x: Tensor, W_enc: Tensor, b_dec: Tensor, b_gate: Tensor, r_mag: Tensor,
+                        b_mag: Tensor, idx: Tensor, f: Tensor, pi_gate: Tensor, counts: Tensor,
+                        grad_f: Tensor, grad_pi_gate: Tensor, need_x: bool, backend: str
+                        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (grad_x or an empty tensor, grad_W_enc, grad_b_dec, grad_b_gate, grad_r_mag,
+    grad_b_mag)."""
+    return tuple(backends.executor(backend).gated_encode_backward(
+        x, W_enc, b_dec, b_gate, r_mag, b_mag, idx, f, pi_gate, counts, grad_f, grad_pi_gate,
+        need_x))
+
+
+@_encode_backward_op.register_fake
+def _(x, W_enc, b_dec, b_gate, r_mag, b_mag, idx, f, pi_gate, counts, grad_f, grad_pi_gate,
+      need_x, backend):
+    dx = torch.empty_like(x) if need_x else x.new_empty((0,))
+    return (dx, torch.empty_like(W_enc), torch.empty_like(b_dec), torch.empty_like(b_gate),
+            torch.empty_like(r_mag), torch.empty_like(b_mag))
+
+
+def _encode_setup(ctx, inputs, output):
+    x, W_enc, b_dec, b_gate, r_mag, b_mag, _, backend = inputs
+    idx, f, pi_gate, counts, _ = output
+    ctx.save_for_backward(x, W_enc, b_dec, b_gate, r_mag, b_mag, idx, f, pi_gate, counts)
+    ctx.backend = backend
+
+
+def _encode_backward(ctx, _g_idx, grad_f, grad_pi, _g_counts, _g_status):
+    x, W_enc, b_dec, b_gate, r_mag, b_mag, idx, f, pi_gate, counts = ctx.saved_tensors
+    grad_f = torch.zeros_like(f) if grad_f is None else grad_f.contiguous()
+    grad_pi = torch.zeros_like(pi_gate) if grad_pi is None else grad_pi.contiguous()
+    need_x = ctx.needs_input_grad[0]
+    dx, dW, db_dec, db_gate, dr_mag, db_mag = _encode_backward_op(
+        x, W_enc, b_dec, b_gate, r_mag, b_mag, idx, f, pi_gate, counts, grad_f, grad_pi, need_x,
+        ctx.backend)
+    return dx if need_x else None, dW, db_dec, db_gate, dr_mag, db_mag, None, None
+
+
+_encode_op.register_autograd(_encode_backward, setup_context=_encode_setup)
+
+
+@torch.library.custom_op("gsae_fast::sparse_decode", mutates_args=())
+def _decode_op(idx: Tensor, val: Tensor, counts: Tensor, W_dec: Tensor, bias: Optional[Tensor],
+               backend: str) -> Tensor:
+    return backends.executor(backend).sparse_decode(idx, val, counts, W_dec, bias)
+
+
+@_decode_op.register_fake
+def _(idx, val, counts, W_dec, bias, backend):
+    return W_dec.new_empty((idx.shape[0], W_dec.shape[1]))
+
+
+@torch.library.custom_op("gsae_fast::sparse_decode_backward", mutates_args=())
+def _decode_backward_op(grad_out: Tensor, idx: Tensor, val: Tensor, counts: Tensor,
+                        W_dec: Tensor, need_val: bool, need_W_dec: bool, backend: str
+                        ) -> tuple[Tensor, Tensor]:
+    """Returns (grad_val or empty, grad_W_dec or empty)."""
+    return tuple(backends.executor(backend).sparse_decode_backward(
+        grad_out, idx, val, counts, W_dec, need_val, need_W_dec))
+
+
+@_decode_backward_op.register_fake
+def _(grad_out, idx, val, counts, W_dec, need_val, need_W_dec, backend):
+    return (torch.empty_like(val) if need_val else val.new_empty((0,)),
+            torch.empty_like(W_dec) if need_W_dec else W_dec.new_empty((0,)))
+
+
+def _decode_setup(ctx, inputs, output):
+    idx, val, counts, W_dec, bias, backend = inputs
+    ctx.save_for_backward(idx, val, counts, W_dec)
+    ctx.backend = backend
+    ctx.has_bias = bias is not None
+
+
+def _decode_backward(ctx, grad_out):
+    idx, val, counts, W_dec = ctx.saved_tensors
+    need_val, need_W = ctx.needs_input_grad[1], ctx.needs_input_grad[3]
+    grad_out = grad_out.contiguous()
+    grad_val = grad_W = None
+    if need_val or need_W:
+        grad_val, grad_W = _decode_backward_op(grad_out, idx, val, counts, W_dec, need_val,
+                                               need_W, ctx.backend)
+    grad_bias = grad_out.sum(0) if ctx.has_bias and ctx.needs_input_grad[4] else None
+    return (None, grad_val if need_val else None, None, grad_W if need_W else None, grad_bias,
+            None)
+
+
+_decode_op.register_autograd(_decode_backward, setup_context=_decode_setup)
+
+
+# --------------------------------------------------------------------------------------------
+# Layer 2: checked wrappers with the capacity protocol.
+# --------------------------------------------------------------------------------------------
+
+def _check_same(tensors: dict[str, Tensor], op: str) -> None:
+    for name, t in tensors.items():
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    first_name, first = next(iter(tensors.items()))
+    if not first.is_floating_point():
+        raise TypeError(f"{op}: {first_name} must be floating point, got {first.dtype}")
+    for name, t in tensors.items():
+        if t.dtype != first.dtype:
+            raise TypeError(f"{op}: {name} has dtype {t.dtype} but {first_name} has "
+                            f"{first.dtype}; all inputs must share one dtype")
+        if t.device != first.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but {first_name} is on "
+                             f"{first.device}; all inputs must be on one device")
+
+
+def _check_shape(t: Tensor, shape: tuple, name: str, op: str) -> None:
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{op}: {name} must have shape {list(shape)}, got {list(t.shape)}")
+
+
+def gated_encode(x: Tensor, W_enc: Tensor, b_dec: Tensor, b_gate: Tensor, r_mag: Tensor,
+                 b_mag: Tensor, *, capacity: Optional[int] = None,
+                 backend: str = "auto") -> SparseActs:
+    """Fused gated encode of ``x [..., d_in]`` to :class:`SparseActs` (exact for any L0).
+
+    ``capacity`` is a guess of the largest number of active features in a row; a row with more
+    makes the encode run again with the exact number (so a good guess saves a GEMM, a bad one
+    costs one, and none loses data). Raises ValueError if the pre-activations are NaN or Inf.
+    """
+    op = "gsae_fast.gated_encode"
+    _check_same(dict(x=x, W_enc=W_enc, b_dec=b_dec, b_gate=b_gate, r_mag=r_mag, b_mag=b_mag), op)
+    if W_enc.dim() != 2:
+        raise ValueError(f"{op}: W_enc must be [d_in, d_sae], got {list(W_enc.shape)}")
+    d_in, d_sae = W_enc.shape
+    if x.dim() < 1 or x.shape[-1] != d_in:
+        raise ValueError(f"{op}: x must be [..., d_in={d_in}], got {list(x.shape)}")
+    _check_shape(b_dec, (d_in,), "b_dec", op)
+    for name, t in (("b_gate", b_gate), ("r_mag", r_mag), ("b_mag", b_mag)):
+        _check_shape(t, (d_sae,), name, op)
+    if capacity is not None and capacity < 0:
+        raise ValueError(f"{op}: capacity must be >= 0, got {capacity}")
+    be = backends.resolve(backend, x.device)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, d_in).contiguous()
+    params = [p.contiguous() for p in (W_enc, b_dec, b_gate, r_mag, b_mag)]
+    K = min(d_sae, DEFAULT_CAPACITY if capacity is None else capacity)
+    idx, f, pi, counts, status = _encode_op(x2, *params, K, be)
+    max_count, nonfinite = status.tolist()
+    if nonfinite:
+        raise ValueError(f"{op}: the pre-activations contain NaN or Inf: x or the encoder "
+                         "parameters (W_enc, b_dec) hold NaN/Inf values")
+    if max_count > K:  # a row overflowed: run again with room for every active feature
+        K = max_count
+        idx, f, pi, counts, status = _encode_op(x2, *params, K, be)
+    return SparseActs(idx=idx.view(*lead, K), f=f.view(*lead, K), pi_gate=pi.view(*lead, K),
+                      counts=counts.view(lead), d_sae=d_sae, max_count=max_count)
+
+
+def sparse_decode(acts: SparseActs, W_dec: Tensor, bias: Optional[Tensor] = None, *,
+                  values: str = "f", backend: str = "auto") -> Tensor:
+    """``acts @ W_dec + bias`` from sparse activations: ``[..., d_in]`` in W_dec's dtype.
+
+    ``values`` picks the activations to decode: ``"f"`` (the SAE output) or ``"pi_gate"``
+    (``relu(pi_gate)``, the auxiliary reconstruction of the Gated SAE loss).
+    """
+    op = "gsae_fast.sparse_decode"
+    if not isinstance(acts, SparseActs):
+        raise TypeError(f"{op}: acts must be SparseActs, got {type(acts).__name__}")
+    if values not in ("f", "pi_gate"):
+        raise ValueError(f"{op}: values must be 'f' or 'pi_gate', got {values!r}")
+    tensors = dict(W_dec=W_dec) if bias is None else dict(W_dec=W_dec, bias=bias)
+    _check_same(tensors, op)
+    if W_dec.dim() != 2 or W_dec.shape[0] != acts.d_sae:
+        raise ValueError(f"{op}: W_dec must be [d_sae={acts.d_sae}, d_in], got "
+                         f"{list(W_dec.shape)}")
+    if bias is not None:
+        _check_shape(bias, (W_dec.shape[1],), "bias", op)
+    if acts.idx.device != W_dec.device:
+        raise ValueError(f"{op}: acts are on {acts.idx.device} but W_dec is on {W_dec.device}")
+    be = backends.resolve(backend, W_dec.device)
+    lead, K = acts.counts.shape, acts.capacity
+    val = getattr(acts, values).to(acc_dtype(W_dec.dtype)).reshape(-1, K).contiguous()
+    out = _decode_op(acts.idx.reshape(-1, K).contiguous(), val, acts.counts.reshape(-1).contiguous(),
+                     W_dec.contiguous(), None if bias is None else bias.contiguous(), be)
+    return out.view(*lead, W_dec.shape[1])
+
+
+# --------------------------------------------------------------------------------------------
+# Layer 3: the loss.
+# --------------------------------------------------------------------------------------------
+
+def gated_sae_loss(x: Tensor, W_enc: Tensor, W_dec: Tensor, b_dec: Tensor, b_gate: Tensor,
+                   r_mag: Tensor, b_mag: Tensor, l1_coefficient: float, *,
+                   sparsity: str = "unit", aux: str = "frozen", backend: str = "auto",
+                   capacity: Optional[int] = None) -> GatedLoss:
+    """The Gated SAE training loss (see gsae_fast.reference for the math and the options).
+
+    On the sparse path nothing of size ``[tokens, d_sae]`` is built, forward or backward. When
+    ``capacity`` (the expected largest row count, e.g. ``next_capacity`` of the previous batch)
+    exceeds ``DENSE_SWITCH_FRACTION * d_sae``, the dense math runs instead, as it is then faster.
+    ``GatedLoss.max_count`` tells the caller the largest row count of this batch either way.
+    """
+    reference.check_loss_options(sparsity, aux)
+    d_in, d_sae = W_enc.shape[0], W_enc.shape[1]
+    if backends.resolve(backend, x.device) == "reference" or (
+            capacity is not None and capacity > DENSE_SWITCH_FRACTION * d_sae):
+        _check_same(dict(x=x, W_enc=W_enc, W_dec=W_dec), "gsae_fast.gated_sae_loss")
+        return reference.gated_sae_loss(x, W_enc, W_dec, b_dec, b_gate, r_mag, b_mag,
+                                        l1_coefficient, sparsity=sparsity, aux=aux)
+    _check_same(dict(x=x, W_dec=W_dec), "gsae_fast.gated_sae_loss")
+    _check_shape(W_dec, (d_sae, d_in), "W_dec", "gsae_fast.gated_sae_loss")
+    acts = gated_encode(x, W_enc, b_dec, b_gate, r_mag, b_mag, capacity=capacity, backend=backend)
+    x_hat = sparse_decode(acts, W_dec, b_dec, backend=backend)
+    mse = (x_hat - x).pow(2).sum(-1).mean()
+    g = acts.pi_gate  # relu(pi_gate) on the active slots, 0 on padding
+    if sparsity == "unit":
+        sparsity_term = l1_coefficient * g.sum(-1).mean()
+    else:
+        sparsity_term = l1_coefficient * (g * W_dec.norm(dim=1)[acts.idx.long()]).sum(-1).mean()
+    if aux == "none":
+        aux_term = torch.zeros((), dtype=mse.dtype, device=mse.device)
+    else:
+        W, b = (W_dec.detach(), b_dec.detach()) if aux == "frozen" else (W_dec, b_dec)
+        x_aux = sparse_decode(acts, W, b, values="pi_gate", backend=backend)
+        aux_term = (x_aux - x).pow(2).sum(-1).mean()
+    return GatedLoss(loss=mse + sparsity_term + aux_term, mse=mse, sparsity=sparsity_term,
+                     aux=aux_term, l0=acts.l0(), x_hat=x_hat, acts=acts,
+                     max_count=acts.max_count)

@@ -1,0 +1,105 @@
+"""The PyTorch executor of the sparse kernels (backend ``"reference"`` at the op level).
+
+Same contract as the compiled kernels (csrc/ops.cpp), written with plain torch ops so that the
+ops work on any device and on a machine where nothing could be compiled. It computes the dense
+``[B, d_sae]`` pre-activations and compacts them: correct and portable, not fast.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .types import acc_dtype
+
+
+def _slot_mask(idx: Tensor, counts: Tensor) -> Tensor:
+    return torch.arange(idx.shape[1], device=idx.device) < counts.unsqueeze(1)
+
+
+def _coo(idx: Tensor, counts: Tensor, values: Tensor, d_sae: int) -> Tensor:
+    """The active slots as a sparse COO ``[B, d_sae]`` matrix of ``values``."""
+    mask = _slot_mask(idx, counts)
+    rows = torch.arange(idx.shape[0], device=idx.device).unsqueeze(1).expand_as(idx)[mask]
+    indices = torch.stack([rows, idx[mask].long()])
+    return torch.sparse_coo_tensor(indices, values[mask], (idx.shape[0], d_sae),
+                                   check_invariants=False).coalesce()
+
+
+def gated_encode(x, W_enc, b_dec, b_gate, r_mag, b_mag, capacity: int):
+    acc = acc_dtype(x.dtype)
+    B, d_sae = x.shape[0], W_enc.shape[1]
+    z = (x.to(acc) - b_dec.to(acc)) @ W_enc.to(acc)
+    pi = z + b_gate.to(acc)
+    active = pi > 0
+    counts = active.sum(1)
+    slot = active.cumsum(1) - 1
+    rows, cols = active.nonzero(as_tuple=True)  # row-major: columns increase within a row
+    keep = slot[rows, cols] < capacity
+    rows, cols = rows[keep], cols[keep]
+    slots = slot[rows, cols]
+    idx = torch.zeros(B, capacity, dtype=torch.int32, device=x.device)
+    f = torch.zeros(B, capacity, dtype=acc, device=x.device)
+    pi_out = torch.zeros_like(f)
+    mag = torch.relu(torch.exp(r_mag.to(acc)) * z + b_mag.to(acc))
+    idx[rows, slots] = cols.to(torch.int32)
+    f[rows, slots] = mag[rows, cols]
+    pi_out[rows, slots] = pi[rows, cols]
+    status = torch.stack([counts.max() if B else counts.new_zeros(()),
+                          (~torch.isfinite(z)).any().to(counts.dtype)]).to(torch.int32)
+    return idx, f, pi_out, counts.to(torch.int32), status
+
+
+def gated_encode_backward(x, W_enc, b_dec, b_gate, r_mag, b_mag, idx, f, pi_gate, counts,
+                          grad_f, grad_pi_gate, need_x: bool):
+    acc = acc_dtype(x.dtype)
+    d_sae = W_enc.shape[1]
+    mask = _slot_mask(idx, counts)
+    i = idx.long()
+    er = torch.exp(r_mag.to(acc))
+    zero = torch.zeros((), dtype=acc, device=x.device)
+    dpm = torch.where(mask & (f > 0), grad_f, zero)
+    gp = torch.where(mask, grad_pi_gate, zero)
+    dz = gp + er[i] * dpm
+    xc = x.to(acc) - b_dec.to(acc)
+    S = _coo(idx, counts, dz, d_sae)  # dL/dz, [B, d_sae] sparse
+
+    def per_feature(v: Tensor) -> Tensor:
+        return torch.zeros(d_sae, dtype=acc, device=x.device).index_add_(0, i[mask], v[mask])
+
+    W = W_enc.to(acc)
+    s = per_feature(dz)
+    dW = torch.sparse.mm(S.t(), xc).t()
+    dx = torch.sparse.mm(S, W.t()) if need_x else torch.empty(0, dtype=acc, device=x.device)
+    z = pi_gate - b_gate.to(acc)[i]
+    dt = x.dtype
+    return (dx.to(dt), dW.to(dt).contiguous(), (-(W @ s)).to(dt), per_feature(gp).to(dt),
+            (er * per_feature(dpm * z)).to(dt), per_feature(dpm).to(dt))
+
+
+def sparse_decode(idx, val, counts, W_dec, bias: Optional[Tensor]):
+    acc = acc_dtype(W_dec.dtype)
+    out = torch.sparse.mm(_coo(idx, counts, val, W_dec.shape[0]), W_dec.to(acc))
+    if bias is not None:
+        out = out + bias.to(acc)
+    return out.to(W_dec.dtype)
+
+
+def sparse_decode_backward(grad_out, idx, val, counts, W_dec, need_val: bool, need_W_dec: bool):
+    acc = acc_dtype(W_dec.dtype)
+    g = grad_out.to(acc)
+    empty = torch.empty(0, dtype=acc, device=val.device)
+    grad_val = empty
+    if need_val:
+        mask = _slot_mask(idx, counts)
+        # Row chunks keep the gathered [rows, K, d_in] block small.
+        chunk = max(1, (1 << 22) // max(1, idx.shape[1] * W_dec.shape[1]))
+        parts = [torch.einsum("bkd,bd->bk", W_dec[idx[s:s + chunk].long()].to(acc), g[s:s + chunk])
+                 for s in range(0, idx.shape[0], chunk)]
+        dots = torch.cat(parts) if parts else torch.zeros_like(val)
+        grad_val = torch.where(mask, dots, torch.zeros((), dtype=acc, device=val.device))
+    grad_W = torch.empty(0, dtype=W_dec.dtype, device=val.device)
+    if need_W_dec:
+        grad_W = torch.sparse.mm(_coo(idx, counts, val, W_dec.shape[0]).t(), g).to(W_dec.dtype)
+    return grad_val, grad_W
