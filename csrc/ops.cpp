@@ -30,7 +30,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_backward_cpu(
 TORCH_LIBRARY(gsae_fast_C, m) {
   m.def(
       "gated_encode(Tensor x, Tensor W_enc, Tensor b_dec, Tensor b_gate, Tensor r_mag, "
-      "Tensor b_mag, int capacity) -> (Tensor idx, Tensor f, Tensor pi_gate, Tensor counts, "
+      "Tensor b_mag, int capacity) -> (Tensor f, Tensor pi_gate, Tensor idx, Tensor counts, "
       "Tensor status)");
   m.def(
       "gated_encode_backward(Tensor x, Tensor W_enc, Tensor b_dec, Tensor b_gate, Tensor r_mag, "

@@ -47,7 +47,8 @@ def next_capacity(max_count: int, d_sae: int) -> int:
 def _encode_op(x: Tensor, W_enc: Tensor, b_dec: Tensor, b_gate: Tensor, r_mag: Tensor,
                b_mag: Tensor, capacity: int, backend: str
                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns (idx, f, pi_gate, counts, status); status = [max true count, any NaN/Inf]."""
+    """Returns (f, pi_gate, idx, counts, status); status = [max true count, any NaN/Inf].
+    (Float outputs first: torch.library.opcheck sums the outputs in order.)"""
     return tuple(backends.executor(backend).gated_encode(x, W_enc, b_dec, b_gate, r_mag, b_mag,
                                                          capacity))
 
@@ -55,8 +56,8 @@ def _encode_op(x: Tensor, W_enc: Tensor, b_dec: Tensor, b_gate: Tensor, r_mag: T
 @_encode_op.register_fake
 def _(x, W_enc, b_dec, b_gate, r_mag, b_mag, capacity, backend):
     B, acc = x.shape[0], acc_dtype(x.dtype)
-    return (x.new_empty((B, capacity), dtype=torch.int32), x.new_empty((B, capacity), dtype=acc),
-            x.new_empty((B, capacity), dtype=acc), x.new_empty((B,), dtype=torch.int32),
+    return (x.new_empty((B, capacity), dtype=acc), x.new_empty((B, capacity), dtype=acc),
+            x.new_empty((B, capacity), dtype=torch.int32), x.new_empty((B,), dtype=torch.int32),
             x.new_empty((2,), dtype=torch.int32))
 
 
@@ -82,12 +83,12 @@ def _(x, W_enc, b_dec, b_gate, r_mag, b_mag, idx, f, pi_gate, counts, grad_f, gr
 
 def _encode_setup(ctx, inputs, output):
     x, W_enc, b_dec, b_gate, r_mag, b_mag, _, backend = inputs
-    idx, f, pi_gate, counts, _ = output
+    f, pi_gate, idx, counts, _ = output
     ctx.save_for_backward(x, W_enc, b_dec, b_gate, r_mag, b_mag, idx, f, pi_gate, counts)
     ctx.backend = backend
 
 
-def _encode_backward(ctx, _g_idx, grad_f, grad_pi, _g_counts, _g_status):
+def _encode_backward(ctx, grad_f, grad_pi, _g_idx, _g_counts, _g_status):
     x, W_enc, b_dec, b_gate, r_mag, b_mag, idx, f, pi_gate, counts = ctx.saved_tensors
     grad_f = torch.zeros_like(f) if grad_f is None else grad_f.contiguous()
     grad_pi = torch.zeros_like(pi_gate) if grad_pi is None else grad_pi.contiguous()
@@ -201,14 +202,14 @@ def gated_encode(x: Tensor, W_enc: Tensor, b_dec: Tensor, b_gate: Tensor, r_mag:
     x2 = x.reshape(-1, d_in).contiguous()
     params = [p.contiguous() for p in (W_enc, b_dec, b_gate, r_mag, b_mag)]
     K = min(d_sae, DEFAULT_CAPACITY if capacity is None else capacity)
-    idx, f, pi, counts, status = _encode_op(x2, *params, K, be)
+    f, pi, idx, counts, status = _encode_op(x2, *params, K, be)
     max_count, nonfinite = status.tolist()
     if nonfinite:
         raise ValueError(f"{op}: the pre-activations contain NaN or Inf: x or the encoder "
                          "parameters (W_enc, b_dec) hold NaN/Inf values")
     if max_count > K:  # a row overflowed: run again with room for every active feature
         K = max_count
-        idx, f, pi, counts, status = _encode_op(x2, *params, K, be)
+        f, pi, idx, counts, status = _encode_op(x2, *params, K, be)
     return SparseActs(idx=idx.view(*lead, K), f=f.view(*lead, K), pi_gate=pi.view(*lead, K),
                       counts=counts.view(lead), d_sae=d_sae, max_count=max_count)
 
@@ -236,8 +237,9 @@ def sparse_decode(acts: SparseActs, W_dec: Tensor, bias: Optional[Tensor] = None
         raise ValueError(f"{op}: acts are on {acts.idx.device} but W_dec is on {W_dec.device}")
     be = backends.resolve(backend, W_dec.device)
     lead, K = acts.counts.shape, acts.capacity
-    val = getattr(acts, values).to(acc_dtype(W_dec.dtype)).reshape(-1, K).contiguous()
-    out = _decode_op(acts.idx.reshape(-1, K).contiguous(), val, acts.counts.reshape(-1).contiguous(),
+    rows = acts.counts.numel()  # explicit: reshape(-1, 0) of an empty batch is ambiguous
+    val = getattr(acts, values).to(acc_dtype(W_dec.dtype)).reshape(rows, K).contiguous()
+    out = _decode_op(acts.idx.reshape(rows, K).contiguous(), val, acts.counts.reshape(rows).contiguous(),
                      W_dec.contiguous(), None if bias is None else bias.contiguous(), be)
     return out.view(*lead, W_dec.shape[1])
 
@@ -258,6 +260,9 @@ def gated_sae_loss(x: Tensor, W_enc: Tensor, W_dec: Tensor, b_dec: Tensor, b_gat
     ``GatedLoss.max_count`` tells the caller the largest row count of this batch either way.
     """
     reference.check_loss_options(sparsity, aux)
+    if x.dim() >= 1 and x.shape[:-1].numel() == 0:
+        raise ValueError("gsae_fast.gated_sae_loss: x has no tokens (the loss is a mean over "
+                         "tokens)")
     d_in, d_sae = W_enc.shape[0], W_enc.shape[1]
     if backends.resolve(backend, x.device) == "reference" or (
             capacity is not None and capacity > DENSE_SWITCH_FRACTION * d_sae):
@@ -273,7 +278,11 @@ def gated_sae_loss(x: Tensor, W_enc: Tensor, W_dec: Tensor, b_dec: Tensor, b_gat
     if sparsity == "unit":
         sparsity_term = l1_coefficient * g.sum(-1).mean()
     else:
-        sparsity_term = l1_coefficient * (g * W_dec.norm(dim=1)[acts.idx.long()]).sum(-1).mean()
+        # sum_t sum_i |W_dec[i]| g[t, i] = |W_dec| . (per-feature sums of g). index_add is
+        # deterministic on CPU; the backward of the gather |W_dec|[idx] is not.
+        per_feature = g.new_zeros(d_sae).index_add(0, acts.idx.reshape(-1), g.reshape(-1))
+        n_tokens = acts.counts.numel()
+        sparsity_term = l1_coefficient * (W_dec.norm(dim=1).to(g.dtype) @ per_feature) / n_tokens
     if aux == "none":
         aux_term = torch.zeros((), dtype=mse.dtype, device=mse.device)
     else:

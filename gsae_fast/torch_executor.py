@@ -48,7 +48,7 @@ def gated_encode(x, W_enc, b_dec, b_gate, r_mag, b_mag, capacity: int):
     pi_out[rows, slots] = pi[rows, cols]
     status = torch.stack([counts.max() if B else counts.new_zeros(()),
                           (~torch.isfinite(z)).any().to(counts.dtype)]).to(torch.int32)
-    return idx, f, pi_out, counts.to(torch.int32), status
+    return f, pi_out, idx, counts.to(torch.int32), status
 
 
 def gated_encode_backward(x, W_enc, b_dec, b_gate, r_mag, b_mag, idx, f, pi_gate, counts,

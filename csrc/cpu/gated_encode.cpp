@@ -4,7 +4,7 @@
 // active features. The [B, d_sae] matrix is never allocated: one [ROWS, FEATS] tile per thread.
 //
 // Output, the padded-row sparse format (see gsae_fast/sparse.py):
-//   idx [B, K] int32, f [B, K], pi_gate [B, K] (accumulation dtype), counts [B] int32,
+//   f [B, K], pi_gate [B, K] (accumulation dtype), idx [B, K] int32, counts [B] int32,
 //   status [2] int32 = {max over rows of the true count, 1 if any z was NaN/Inf}.
 // counts hold the true number of actives even past K (only the first K are written), so the
 // caller detects an overflow and re-runs with a larger K: nothing is dropped silently.
@@ -150,7 +150,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_enc
   at::Tensor pi = at::zeros({B, capacity}, aopts);
   at::Tensor counts = at::zeros({B}, iopts);
   at::Tensor status = at::zeros({2}, iopts);
-  if (B == 0 || d_sae == 0) return {idx, f, pi, counts, status};
+  if (B == 0 || d_sae == 0) return {f, pi, idx, counts, status};
 
   // Centring once: [B, d_in] is small next to the GEMM. Low-precision weights are widened once
   // so the GEMM accumulates and rounds in fp32 (a parameter-sized buffer, never B x d_sae).
@@ -166,7 +166,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_enc
   });
   status[0] = counts.max().item<int32_t>();
   status[1] = nonfinite ? 1 : 0;
-  return {idx, f, pi, counts, status};
+  return {f, pi, idx, counts, status};
 }
 
 }  // namespace gsae_fast

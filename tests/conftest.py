@@ -1,0 +1,60 @@
+"""Shared fixtures: random Gated SAE parameters and inputs, tolerances, the executors to test."""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import gsae_fast  # noqa: E402
+
+# Every op-level executor that runs on CPU here ("reference" = gsae_fast.torch_executor).
+CPU_BACKENDS = gsae_fast.available_backends("cpu")
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# Relative error bounds |out - ref| / |ref| against a float64 oracle, per input dtype.
+RTOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def make_params(d_in, d_sae, dtype=torch.float64, l0_frac=0.15, seed=0, device="cpu"):
+    """Random parameters (nothing zero) with b_gate set so about l0_frac of features fire."""
+    g = torch.Generator().manual_seed(seed)
+    p = dict(
+        W_enc=torch.randn(d_in, d_sae, generator=g, dtype=torch.float64) / d_in ** 0.5,
+        b_dec=0.1 * torch.randn(d_in, generator=g, dtype=torch.float64),
+        b_gate=0.1 * torch.randn(d_sae, generator=g, dtype=torch.float64),
+        r_mag=0.3 * torch.randn(d_sae, generator=g, dtype=torch.float64),
+        b_mag=0.2 * torch.randn(d_sae, generator=g, dtype=torch.float64),
+    )
+    # z ~ N(0, ~1): a shift of b_gate by the normal quantile gives the wanted active fraction.
+    if l0_frac is not None:
+        q = min(max(1 - l0_frac, 1e-4), 1 - 1e-4)  # 0 and 1 would shift b_gate to -inf / inf
+        p["b_gate"] -= torch.distributions.Normal(0, 1).icdf(torch.tensor(q, dtype=torch.float64)).item()
+    W_dec = torch.randn(d_sae, d_in, generator=g, dtype=torch.float64) / d_sae ** 0.5
+    return {k: v.to(dtype=dtype, device=device) for k, v in p.items()}, W_dec.to(dtype=dtype,
+                                                                                device=device)
+
+
+def make_x(shape, dtype=torch.float64, seed=1, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype=dtype, device=device)
+
+
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def params64(p):
+    return {k: v.double() for k, v in p.items()}
