@@ -12,6 +12,7 @@ Backends (``backend=`` everywhere):
 from __future__ import annotations
 
 import importlib
+import os
 import warnings
 from typing import Optional
 
@@ -24,12 +25,16 @@ BACKENDS = ("reference", "cpu", "cuda", "triton")
 _AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("triton", "cuda", "reference")}
 
 _ext_error: Optional[str] = None
-try:
-    from . import _C  # noqa: F401  (loading it registers the gsae_fast_C kernel ops)
-except ImportError as e:  # pragma: no cover - depends on the build
-    _ext_error = str(e)
-    warnings.warn(f"gsae_fast: compiled kernels not available ({e}); using the PyTorch "
-                  "reference executor", RuntimeWarning, stacklevel=2)
+if os.environ.get("GSAE_FAST_DISABLE_EXT") == "1":  # behave as a build without a compiler
+    _ext_error = "disabled by GSAE_FAST_DISABLE_EXT=1"
+else:
+    try:
+        from . import _C  # noqa: F401  (loading it registers the gsae_fast_C kernel ops)
+    except ImportError as e:  # pragma: no cover - depends on the build
+        _ext_error = str(e)
+if _ext_error is not None:
+    warnings.warn(f"gsae_fast: compiled kernels not available ({_ext_error}); using the "
+                  "PyTorch reference executor", RuntimeWarning, stacklevel=2)
 
 
 def _has_kernel(op: str, key: str) -> bool:

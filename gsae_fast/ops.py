@@ -27,10 +27,11 @@ from .types import GatedLoss, SparseActs, acc_dtype
 
 # Capacity (slots per row) tried when the caller has no better guess.
 DEFAULT_CAPACITY = 256
-# The loss goes dense when the expected largest row count exceeds this fraction of d_sae.
-# Measured by bench/bench_step.py (bench/NOTES.md, "dense switch"): on 2 CPU cores the sparse
-# step is still faster than the dense one at L0 = d_sae / 8.
-DENSE_SWITCH_FRACTION = 0.25
+# The loss goes dense when the capacity (the expected largest row count, ~1.25x the last one)
+# exceeds this fraction of d_sae. From bench/results/step_cpu.md (bench/NOTES.md, "dense
+# switch"): at mean L0 = d_sae / 8 (largest row 0.147 d_sae, capacity 0.185 d_sae) the sparse
+# step (777 ms) and the dense one (797 ms) cost the same on 2 CPU cores; above, dense wins.
+DENSE_SWITCH_FRACTION = 0.2
 
 
 def next_capacity(max_count: int, d_sae: int) -> int:

@@ -1,0 +1,29 @@
+# Two entry points (README): `make demo` and `make test`. Both install what they need.
+PYTHON ?= python
+PIP ?= $(PYTHON) -m pip
+# nvcc lives here on the build machines; torch would guess /usr/local.
+export CUDA_HOME ?= $(firstword $(wildcard /usr/local/cuda))
+
+.PHONY: install install-test demo test bench
+
+# torch: keep the one the machine has (the GPU machine has its own, with no registry access);
+# otherwise take 2.14.1 (on this project's machines it installs from local disk).
+install:
+	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "torch==2.14.1"
+	$(PIP) install -q "setuptools>=64" wheel ninja pybind11 numpy
+	$(PIP) install -q --no-build-isolation -e .
+
+install-test: install
+	$(PIP) install -q pytest hypothesis pytest-benchmark
+	# Peers for the parity tests (tests/test_peers.py); dictionary-learning without its deps.
+	$(PIP) install -q -r requirements-peers.txt
+	$(PIP) install -q --no-deps -r requirements-peers-nodeps.txt
+
+demo: install
+	$(PYTHON) bench/bench_step.py --quick
+
+test: install-test
+	$(PYTHON) -m pytest -q tests
+
+bench: install
+	$(PYTHON) bench/bench_step.py
