@@ -10,19 +10,19 @@ import pytest
 import torch
 
 import gsae_fast
+from bench_step import BASE, set_l0
 from gsae_fast import ops
 
-B, D_IN, D_SAE = 1024, 512, 16384
-BACKENDS = [b for b in gsae_fast.available_backends("cpu")]
+B, D_IN, D_SAE = BASE
+BACKENDS = gsae_fast.available_backends("cpu")
 
 
 def setup(l0, backend):
     torch.manual_seed(0)
     x = torch.randn(B, D_IN)
     sae = gsae_fast.GatedSAE(D_IN, D_SAE, backend=backend)
+    set_l0(sae, x, l0)
     with torch.no_grad():
-        z = ((x - sae.b_dec) @ sae.W_enc).flatten()
-        sae.b_gate.fill_(-torch.topk(z, l0 * B).values[-1].item())
         acts = sae.encode_sparse(x)
     return x, sae, acts
 
