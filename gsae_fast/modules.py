@@ -82,7 +82,7 @@ class GatedSAE(nn.Module):
         """``acts @ W_dec + b_dec`` for dense ``[..., d_sae]`` or sparse activations."""
         if isinstance(acts, SparseActs):
             return ops.sparse_decode(acts, self.W_dec, self.b_dec,
-                                     backend=backends.resolve(self.backend, self.W_dec.device))
+                                     backend=self._backend_for(self.W_dec))
         if acts.shape[-1] != self.d_sae:
             raise ValueError(f"decode: acts must be [..., d_sae={self.d_sae}], got "
                              f"{list(acts.shape)}")
