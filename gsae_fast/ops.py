@@ -287,7 +287,7 @@ def gated_sae_loss(x: Tensor, W_enc: Tensor, W_dec: Tensor, b_dec: Tensor, b_gat
     if aux == "none":
         aux_term = torch.zeros((), dtype=mse.dtype, device=mse.device)
     else:
-        W, b = (W_dec.detach(), b_dec.detach()) if aux == "frozen" else (W_dec, b_dec)
+        W, b = reference.aux_decoder(W_dec, b_dec, aux)
         x_aux = sparse_decode(acts, W, b, values="pi_gate", backend=backend)
         aux_term = (x_aux - x).pow(2).sum(-1).mean()
     return GatedLoss(loss=mse + sparsity_term + aux_term, mse=mse, sparsity=sparsity_term,

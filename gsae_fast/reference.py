@@ -35,6 +35,12 @@ def check_loss_options(sparsity: str, aux: str) -> None:
         raise ValueError(f"aux must be one of {AUX_CHOICES}, got {aux!r}")
 
 
+def aux_decoder(W_dec: Tensor, b_dec: Tensor, aux: str) -> tuple[Tensor, Tensor]:
+    """The decoder of the auxiliary reconstruction: stop-gradient copies for ``aux="frozen"``
+    (the paper), the live parameters for ``aux="shared"`` (SAELens)."""
+    return (W_dec.detach(), b_dec.detach()) if aux == "frozen" else (W_dec, b_dec)
+
+
 def pre_activations(x: Tensor, W_enc: Tensor, b_dec: Tensor, b_gate: Tensor, r_mag: Tensor,
                     b_mag: Tensor) -> tuple[Tensor, Tensor]:
     """(pi_gate, pi_mag), both ``[..., d_sae]``."""
@@ -71,7 +77,7 @@ def gated_sae_loss(x: Tensor, W_enc: Tensor, W_dec: Tensor, b_dec: Tensor, b_gat
     if aux == "none":
         aux_term = torch.zeros((), dtype=mse.dtype, device=mse.device)
     else:
-        W, b = (W_dec.detach(), b_dec.detach()) if aux == "frozen" else (W_dec, b_dec)
+        W, b = aux_decoder(W_dec, b_dec, aux)
         aux_term = (g @ W + b - x).pow(2).sum(-1).mean()
     counts = active.sum(-1)
     return GatedLoss(
