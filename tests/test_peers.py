@@ -162,35 +162,34 @@ def test_saelens_encode_decode_forward(saelens, shape, training):
         assert torch.equal(f != 0, f_ref != 0)
 
 
+def check_module_against_reference(model, x, p, tol, what):
+    """A peer module's encode, decode and forward on x equal the reference's, shape and dtype
+    included."""
+    with torch.no_grad():
+        f_ref = ref_encode(x, p)
+        assert f_ref.shape == (*x.shape[:-1], p["W_enc"].shape[1]) and f_ref.dtype == x.dtype
+        f = model.encode(x)
+        assert f.shape == f_ref.shape and f.dtype == x.dtype
+        assert_rel(f, f_ref, tol, f"encode {what}")
+        x_hat_ref = ref.decode(f_ref, p["W_dec"], p["b_dec"])
+        assert_rel(model.decode(f_ref), x_hat_ref, tol, f"decode {what}")
+        assert_rel(model(x), x_hat_ref, tol, f"forward {what}")
+
+
 @pytest.mark.parametrize("lead", LEADING, ids=lambda s: "x".join(map(str, s)))
 def test_saelens_leading_batch_dims(saelens, lead):
     d_in, d_sae = 17, 45
     p = make_params(d_in, d_sae, seed=1)
     x = make_x(lead, d_in, seed=1)
-    sae = saelens_sae(saelens, p, training=False)
-    with torch.no_grad():
-        f_ref = ref_encode(x, p)
-        assert f_ref.shape == (*lead, d_sae)
-        f = sae.encode(x)
-        assert f.shape == f_ref.shape
-        assert_rel(f, f_ref, TOL64, "encode [..., d_in]")
-        x_hat_ref = ref.decode(f_ref, p["W_dec"], p["b_dec"])
-        assert_rel(sae.decode(f_ref), x_hat_ref, TOL64, "decode [..., d_sae]")
-        assert_rel(sae(x), x_hat_ref, TOL64, "forward [..., d_in]")
+    check_module_against_reference(saelens_sae(saelens, p, training=False), x, p, TOL64,
+                                   "[..., d]")
 
 
 def test_saelens_float32(saelens):
     d_in, d_sae, batch = 30, 97, 64
     p = make_params(d_in, d_sae, seed=3, dtype=torch.float32)
     x = make_x((batch,), d_in, seed=3, dtype=torch.float32)
-    sae = saelens_sae(saelens, p, training=False)
-    with torch.no_grad():
-        f_ref = ref_encode(x, p)
-        assert f_ref.dtype == torch.float32
-        f = sae.encode(x)
-        assert f.dtype == torch.float32
-        assert_rel(f, f_ref, TOL32, "encode fp32")
-        assert_rel(sae(x), ref.decode(f_ref, p["W_dec"], p["b_dec"]), TOL32, "forward fp32")
+    check_module_against_reference(saelens_sae(saelens, p, training=False), x, p, TOL32, "fp32")
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
@@ -345,14 +344,7 @@ def test_dictlearn_leading_batch_dims(dictlearn, lead):
     p = make_params(d_in, d_sae, seed=2)
     x = make_x(lead, d_in, seed=2)
     ae = load_dl_params(dictlearn.GatedAutoEncoder(d_in, d_sae), p)
-    with torch.no_grad():
-        f_ref = ref_encode(x, p)
-        f = ae.encode(x)
-        assert f.shape == f_ref.shape == (*lead, d_sae)
-        assert_rel(f, f_ref, TOL64, "encode [..., d_in]")
-        x_hat_ref = ref.decode(f_ref, p["W_dec"], p["b_dec"])
-        assert_rel(ae.decode(f_ref), x_hat_ref, TOL64, "decode [..., d_sae]")
-        assert_rel(ae(x), x_hat_ref, TOL64, "forward [..., d_in]")
+    check_module_against_reference(ae, x, p, TOL64, "[..., d]")
 
 
 def test_dictlearn_float32(dictlearn):
@@ -360,12 +352,7 @@ def test_dictlearn_float32(dictlearn):
     p = make_params(d_in, d_sae, seed=4, dtype=torch.float32)
     x = make_x((batch,), d_in, seed=4, dtype=torch.float32)
     ae = load_dl_params(dictlearn.GatedAutoEncoder(d_in, d_sae), p)
-    with torch.no_grad():
-        f_ref = ref_encode(x, p)
-        f = ae.encode(x)
-        assert f.dtype == torch.float32
-        assert_rel(f, f_ref, TOL32, "encode fp32")
-        assert_rel(ae(x), ref.decode(f_ref, p["W_dec"], p["b_dec"]), TOL32, "forward fp32")
+    check_module_against_reference(ae, x, p, TOL32, "fp32")
 
 
 @pytest.mark.parametrize("unit_decoder", [False, True], ids=["free_decoder", "unit_decoder"])
