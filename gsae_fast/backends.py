@@ -6,7 +6,8 @@ Backends (``backend=`` everywhere):
   op level: gsae_fast.torch_executor);
 - ``"cpu"``: the compiled C++ kernels (gsae_fast._C) on CPU tensors;
 - ``"cuda"``: compiled CUDA kernels on CUDA tensors (when the extension was built with them);
-- ``"triton"``: Triton kernels in gsae_fast.kernels on CUDA tensors (when present);
+- ``"triton"``: Triton kernels in gsae_fast.kernels on CUDA tensors (CPU tensors under
+  TRITON_INTERPRET=1, for testing);
 - ``"auto"``: the fastest built executor for the tensors' device.
 """
 from __future__ import annotations
@@ -61,15 +62,23 @@ def why_unavailable(backend: str, device: torch.device) -> Optional[str]:
         if not _has_kernel("gsae_fast_C::gated_encode", "CPU"):
             return f"the C++ extension gsae_fast._C is not built ({_ext_error})"
         return None
-    if device.type != "cuda":
-        return f"backend {backend!r} runs on CUDA tensors, got a tensor on {device}"
     if backend == "cuda":
+        if device.type != "cuda":
+            return f"backend 'cuda' runs on CUDA tensors, got a tensor on {device}"
         if not _has_kernel("gsae_fast_C::gated_encode", "CUDA"):
             return ("gsae_fast._C was built without CUDA kernels (rebuild on a machine with a "
                     "CUDA toolkit, or GSAE_FAST_CUDA=1)")
         return None
-    if _triton_kernels() is None:
-        return "the Triton executor is not available (triton missing or kernels not built)"
+    # triton: CUDA tensors, or CPU tensors under the Triton interpreter (for testing).
+    interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    if device.type != "cuda" and not (device.type == "cpu" and interpret):
+        return (f"backend 'triton' runs on CUDA tensors (or on CPU tensors with "
+                f"TRITON_INTERPRET=1), got a tensor on {device}")
+    kernels = _triton_kernels()
+    if kernels is None:
+        return "the Triton executor is not available (triton is not installed)"
+    if device.type == "cpu" and not kernels.INTERPRET:
+        return "TRITON_INTERPRET=1 was set after gsae_fast.kernels was imported"
     return None
 
 

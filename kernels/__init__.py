@@ -1,6 +1,22 @@
-"""Triton kernels of gsae_fast, installed as ``gsae_fast.kernels``.
+"""Triton kernels of gsae_fast, installed as ``gsae_fast.kernels``: the ``"triton"`` executor.
 
-The Triton executor (fused gated encode with compaction, sparse decode and its backward) is the
-subject of a later issue; this package is its home. Until it lands, ``backend="triton"`` is
-reported as not built by :func:`gsae_fast.backends.available_backends`.
+Four functions with the kernel contract of gsae_fast.torch_executor (the custom ops in
+gsae_fast.ops call them when ``backend="triton"``):
+
+- :func:`gated_encode` (gated_encode.py): one GEMM with the gate/magnitude epilogue and
+  compaction to the padded-row sparse format;
+- :func:`sparse_decode`, :func:`sparse_decode_backward` (sparse_decode.py): gather-sum of W_dec
+  rows and its backward;
+- :func:`gated_encode_backward` (gated_encode_backward.py): the encoder gradients from the sparse
+  slots, grouped by feature (_common.py).
+
+They run on CUDA tensors, or on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1``
+set before import; slow, for testing the logic). :func:`set_scatter` picks how ``grad W_dec`` is
+scattered (deterministic "grouped", the default, or "atomic").
 """
+from ._common import INTERPRET, SCATTER_MODES, scatter_mode, set_scatter  # noqa: F401
+from .gated_encode import gated_encode  # noqa: F401
+from .gated_encode_backward import gated_encode_backward  # noqa: F401
+from .sparse_decode import sparse_decode, sparse_decode_backward  # noqa: F401
+
+EXECUTOR_READY = True

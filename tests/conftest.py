@@ -9,6 +9,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+# Without a GPU the Triton kernels run on CPU tensors in Triton's interpreter (read when the
+# kernels are decorated, so before gsae_fast.kernels is imported): the "triton" backend then
+# joins the CPU executors below and every op test runs on it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import gsae_fast  # noqa: E402
 
 # Every op-level executor that runs on CPU here ("reference" = gsae_fast.torch_executor).

@@ -125,9 +125,9 @@ def test_training_step_reduces_loss():
             hist.append(out.loss.item())
         assert hist[-1] < 0.9 * hist[0]
         losses[backend] = hist
-    if len(losses) == 2:  # the executors follow the same trajectory
-        a, b = losses.values()
-        assert max(abs(u - v) / abs(v) for u, v in zip(a, b)) < 1e-4
+    for backend, hist in losses.items():  # every executor follows the reference's trajectory
+        ref = losses["reference"]
+        assert max(abs(u - v) / abs(v) for u, v in zip(hist, ref)) < 1e-4, backend
 
 
 def test_package_works_without_the_extension():
@@ -152,5 +152,6 @@ def test_package_works_without_the_extension():
         "    assert 'not built' in str(e), e\n"
         "print('ok')\n")
     env = dict(__import__("os").environ, GSAE_FAST_DISABLE_EXT="1")
+    env.pop("TRITON_INTERPRET", None)  # no interpreted Triton either: only the reference is left
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr

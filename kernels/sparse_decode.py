@@ -1,0 +1,138 @@
+"""Sparse decode ``out = sum_k val[:, k] * W_dec[idx[:, k]] + bias`` and its backward.
+
+Each program owns one token and a block of ``d_in``: it walks the token's active slots in blocks
+of BS and gathers whole row segments of W_dec (wide contiguous loads along d_in). The backward
+has the same shape: the value gradient is a dot of the output gradient with each gathered row,
+and the W_dec gradient is either grouped by feature (deterministic, kernels._common) or scattered
+with fp32 atomics.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (INTERPRET, acc_tl, group_by_feature, grouped_scatter, next_pow2,
+                      on_device, scatter_mode)
+
+
+def _configs():
+    if INTERPRET:
+        return [triton.Config(dict(BS=16, BD=32))]
+    return [triton.Config(dict(BS=bs, BD=bd), num_warps=w)
+            for bs, bd, w in [(16, 256, 4), (32, 256, 4), (16, 512, 4), (32, 512, 8),
+                              (16, 1024, 8), (64, 128, 4)]]
+
+
+@triton.autotune(configs=_configs(), key=["d_in", "K"])
+@triton.jit
+def _sparse_decode_kernel(idx_ptr, val_ptr, counts_ptr, w_ptr, bias_ptr, out_ptr, K, d_in,
+                          HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
+                          BS: tl.constexpr, BD: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    rd = tl.program_id(1) * BD + tl.arange(0, BD)
+    d_ok = rd < d_in
+    n = tl.minimum(tl.load(counts_ptr + row), K)
+    acc = tl.zeros((BD,), ACC)
+    for s0 in range(0, n, BS):
+        rs = s0 + tl.arange(0, BS)
+        s_ok = rs < n
+        i = tl.load(idx_ptr + row * K + rs, mask=s_ok, other=0)
+        v = tl.load(val_ptr + row * K + rs, mask=s_ok, other=0.0).to(ACC)
+        w = tl.load(w_ptr + i[:, None].to(tl.int64) * d_in + rd[None, :],
+                    mask=s_ok[:, None] & d_ok[None, :], other=0.0).to(ACC)
+        acc += tl.sum(w * v[:, None], axis=0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rd, mask=d_ok, other=0.0).to(ACC)
+    tl.store(out_ptr + row * d_in + rd, acc.to(out_ptr.dtype.element_ty), mask=d_ok)
+
+
+@triton.autotune(configs=_configs(), key=["d_in", "K"])
+@triton.jit
+def _sparse_dot_kernel(grad_ptr, idx_ptr, counts_ptr, w_ptr, out_ptr, K, d_in,
+                       ACC: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr):
+    """out[row, s] = grad[row] . W_dec[idx[row, s]] on the active slots, 0 on padding."""
+    row = tl.program_id(0).to(tl.int64)
+    rs = tl.program_id(1) * BS + tl.arange(0, BS)
+    n = tl.minimum(tl.load(counts_ptr + row), K)
+    s_ok = rs < n
+    i = tl.load(idx_ptr + row * K + rs, mask=s_ok, other=0)
+    acc = tl.zeros((BS,), ACC)
+    d_end = tl.where(tl.program_id(1) * BS < n, d_in, 0)  # blocks of padding only: no work
+    for d0 in range(0, d_end, BD):
+        rd = d0 + tl.arange(0, BD)
+        d_ok = rd < d_in
+        g = tl.load(grad_ptr + row * d_in + rd, mask=d_ok, other=0.0).to(ACC)
+        w = tl.load(w_ptr + i[:, None].to(tl.int64) * d_in + rd[None, :],
+                    mask=s_ok[:, None] & d_ok[None, :], other=0.0).to(ACC)
+        acc += tl.sum(w * g[None, :], axis=1)
+    tl.store(out_ptr + row * K + rs, acc, mask=rs < K)
+
+
+@triton.jit
+def _scatter_atomic_kernel(grad_ptr, idx_ptr, val_ptr, counts_ptr, out_ptr, K, d_in,
+                           ACC: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr):
+    """out[idx[row, s]] += val[row, s] * grad[row] with atomics (out in the accumulation dtype)."""
+    row = tl.program_id(0).to(tl.int64)
+    rd = tl.program_id(1) * BD + tl.arange(0, BD)
+    d_ok = rd < d_in
+    n = tl.minimum(tl.load(counts_ptr + row), K)
+    g = tl.load(grad_ptr + row * d_in + rd, mask=d_ok, other=0.0).to(ACC)
+    for s0 in range(0, n, BS):
+        rs = s0 + tl.arange(0, BS)
+        s_ok = rs < n
+        i = tl.load(idx_ptr + row * K + rs, mask=s_ok, other=0)
+        v = tl.load(val_ptr + row * K + rs, mask=s_ok, other=0.0).to(ACC)
+        tl.atomic_add(out_ptr + i[:, None].to(tl.int64) * d_in + rd[None, :], v[:, None] * g[None, :],
+                      mask=s_ok[:, None] & d_ok[None, :])
+
+
+def sparse_decode(idx, val, counts, W_dec, bias):
+    """The ``sparse_decode`` kernel contract (see gsae_fast.torch_executor)."""
+    B, K = idx.shape
+    d_in = W_dec.shape[1]
+    out = torch.empty(B, d_in, dtype=W_dec.dtype, device=W_dec.device)
+    if B == 0 or d_in == 0:
+        return out
+    if K == 0:
+        return (bias.expand(B, d_in).clone() if bias is not None
+                else torch.zeros_like(out))
+    grid = lambda meta: (B, triton.cdiv(d_in, meta["BD"]))  # noqa: E731
+    with on_device(W_dec):
+        _sparse_decode_kernel[grid](idx, val, counts, W_dec, bias if bias is not None else W_dec,
+                                    out, K, d_in, HAS_BIAS=bias is not None,
+                                    ACC=acc_tl(W_dec.dtype))
+    return out
+
+
+def sparse_decode_backward(grad_out, idx, val, counts, W_dec, need_val: bool, need_W_dec: bool):
+    """The ``sparse_decode_backward`` kernel contract (see gsae_fast.torch_executor)."""
+    B, K = idx.shape
+    d_sae, d_in = W_dec.shape
+    acc = torch.float64 if W_dec.dtype == torch.float64 else torch.float32
+    grad_val = torch.empty(0, dtype=acc, device=val.device)
+    grad_W = torch.empty(0, dtype=W_dec.dtype, device=val.device)
+    if need_val:
+        grad_val = torch.zeros(B, K, dtype=acc, device=val.device)
+        if B and K and d_in:
+            grid = lambda meta: (B, triton.cdiv(K, meta["BS"]))  # noqa: E731
+            with on_device(W_dec):
+                _sparse_dot_kernel[grid](grad_out, idx, counts, W_dec, grad_val, K, d_in,
+                                         ACC=acc_tl(W_dec.dtype))
+    if need_W_dec:
+        if scatter_mode() == "atomic":
+            buf = torch.zeros(d_sae, d_in, dtype=acc, device=val.device)
+            if B and K and d_in:
+                BD = 32 if INTERPRET else next_pow2(d_in, hi=512)
+                with on_device(W_dec):
+                    _scatter_atomic_kernel[(B, triton.cdiv(d_in, BD))](
+                        grad_out, idx, val, counts, buf, K, d_in, ACC=acc_tl(W_dec.dtype),
+                        BS=16, BD=BD)
+            grad_W = buf.to(W_dec.dtype)
+        else:
+            groups = group_by_feature(idx, counts, d_sae)
+            order = groups[2]
+            grad_W = torch.empty_like(W_dec)
+            grouped_scatter(groups, order // max(K, 1), val.reshape(-1)[order], grad_out, grad_W,
+                            precision_dtype=W_dec.dtype)
+    return grad_val, grad_W
