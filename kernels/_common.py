@@ -136,7 +136,7 @@ def _grouped_scatter_kernel(ptr_ptr, feats_ptr, rows_ptr, w_ptr, src_ptr, sub_pt
             w = tl.full((BP,), 1.0, ACC)
         # one_hot[f, p] = w[p] if pair p belongs to feature f: the scatter as a matrix product.
         one_hot = tl.where(feat[None, :] == rf[:, None], w[None, :], 0.0).to(ACC)
-        acc = tl.dot(one_hot, src, acc, input_precision=PRECISION)
+        acc = tl.dot(one_hot, src, acc, input_precision=PRECISION, out_dtype=ACC)
     out = out_ptr + rf[:, None].to(tl.int64) * out_stride_f + rc[None, :].to(tl.int64) * out_stride_c
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=f_ok[:, None] & c_ok[None, :])
 

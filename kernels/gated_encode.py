@@ -69,7 +69,7 @@ def _gated_encode_kernel(x_ptr, w_ptr, c_ptr, b_gate_ptr, r_mag_ptr, b_mag_ptr,
         if UPCAST:  # the interpreter has no bf16 arithmetic
             a = a.to(tl.float32)
             b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC)
         x_ptrs += BK
         w_ptrs += BK * d_sae
 

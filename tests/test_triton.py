@@ -1,0 +1,155 @@
+"""The Triton executor's own cases (the op tests in test_ops.py also run it, on CPU tensors under
+the interpreter): capacity edges, both decoder-gradient scatters, determinism; and, marked
+``gpu``, the kernels at real sizes on a GPU in fp32, bf16 and fp16."""
+import pytest
+import torch
+
+from conftest import make_params, make_x, params64, rel_err
+from gsae_fast import GatedSAE, SparseActs, available_backends, ops, reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu = the Triton interpreter
+pytestmark = pytest.mark.skipif("triton" not in available_backends(DEVICE),
+                                reason="triton is not installed")
+
+
+@pytest.fixture
+def scatter():
+    """Sets the grad W_dec scatter mode for one test and restores it after."""
+    from gsae_fast import kernels
+    before = kernels._common._scatter
+    yield kernels.set_scatter
+    kernels.set_scatter(before)
+
+
+def dense_ref(x, p):
+    x, p = x.double(), params64(p)
+    pi_gate, _ = reference.pre_activations(x, *p.values())
+    return reference.encode(x, *p.values()), pi_gate
+
+
+def test_capacity_edges_are_exact():
+    """A capacity equal to the largest row count, one less (overflow: re-run) and zero."""
+    p, _ = make_params(21, 70, torch.float32, l0_frac=0.2, device=DEVICE)
+    x = make_x((45, 21), torch.float32, device=DEVICE)
+    f_ref, pi_ref = dense_ref(x, p)
+    true_max = int((pi_ref > 0).sum(-1).max())
+    for capacity in (true_max, true_max - 1, 0):
+        acts = ops.gated_encode(x, *p.values(), capacity=capacity, backend="triton")
+        assert acts.max_count == true_max and acts.capacity == true_max, capacity
+        assert rel_err(acts.to_dense(), f_ref) < 1e-5
+
+
+@pytest.mark.parametrize("mode", ["grouped", "atomic"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_decoder_gradient_scatter_modes(scatter, mode, dtype):
+    scatter(mode)
+    p, W_dec = make_params(19, 83, dtype, l0_frac=0.3, device=DEVICE)
+    x = make_x((41, 19), dtype, device=DEVICE)
+    acts = ops.gated_encode(x, *p.values(), backend="triton")
+    W = W_dec.clone().requires_grad_()
+    val = acts.f.detach().requires_grad_()
+    a = SparseActs(acts.idx, val, acts.pi_gate, acts.counts, acts.d_sae)
+    g = make_x((41, 19), dtype, seed=5, device=DEVICE)
+    (ops.sparse_decode(a, W, backend="triton") * g).sum().backward()
+    dense = acts.to_dense(torch.float64)
+    grad_W_ref = dense.t() @ g.double()
+    grad_val_ref = (g.double() @ W_dec.double().t()).gather(1, acts.idx.long()) * acts.mask()
+    tol = {torch.float64: 1e-13, torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
+    assert rel_err(W.grad, grad_W_ref) < tol
+    assert rel_err(val.grad, grad_val_ref) < tol
+
+
+def test_deterministic_mode_forces_grouped_scatter(scatter):
+    from gsae_fast import kernels
+    scatter("atomic")
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        assert kernels.scatter_mode() == "grouped"
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert kernels.scatter_mode() == "atomic"
+    with pytest.raises(ValueError, match="scatter mode"):
+        kernels.set_scatter("fast")
+
+
+def test_grouped_backward_is_bitwise_reproducible():
+    p, W_dec = make_params(24, 100, torch.float32, l0_frac=0.3, device=DEVICE)
+    x = make_x((40, 24), torch.float32, device=DEVICE)
+    runs = []
+    for _ in range(2):
+        t = {k: v.clone().requires_grad_() for k, v in dict(p, W_dec=W_dec).items()}
+        out = ops.gated_sae_loss(x, t["W_enc"], t["W_dec"], t["b_dec"], t["b_gate"], t["r_mag"],
+                                 t["b_mag"], 0.1, sparsity="decoder_norm", aux="shared",
+                                 backend="triton")
+        out.loss.backward()
+        runs.append([out.loss.detach()] + [v.grad for v in t.values()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_module_runs_on_triton():
+    sae = GatedSAE(16, 64, backend="triton", device=DEVICE)
+    ref = GatedSAE(16, 64, backend="reference", device=DEVICE)
+    ref.load_state_dict(sae.state_dict())
+    x = torch.randn(33, 16, device=DEVICE)
+    assert rel_err(sae(x), ref(x)) < 1e-5
+    out = sae.loss(x, 0.1)
+    out.loss.backward()
+    assert all(p.grad is not None for p in sae.parameters())
+
+
+# --------------------------------------------------------------------------------------------
+# On a GPU: real sizes, fp32 / bf16 / fp16, against the float64 reference on the same inputs.
+# --------------------------------------------------------------------------------------------
+
+GPU_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+
+
+@pytest.mark.gpu
+def test_auto_backend_is_triton_on_cuda():
+    from gsae_fast import backends
+    assert backends.resolve("auto", "cuda") == "triton"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", list(GPU_TOL))
+@pytest.mark.parametrize("shape", [(4096, 768, 24576), (1000, 2304, 16411)])
+def test_gpu_encode_decode_at_real_sizes(dtype, shape):
+    B, d_in, d_sae = shape
+    p, W_dec = make_params(d_in, d_sae, dtype, l0_frac=64 / d_sae, device="cuda")
+    x = make_x((B, d_in), dtype, device="cuda")
+    acts = ops.gated_encode(x, *p.values(), capacity=64, backend="triton")
+    f_ref, pi_ref = dense_ref(x, p)
+    # fp32 accumulation in another order can flip a gate within rounding of zero: allow 1e-5.
+    flips = (acts.counts.long() - (pi_ref > 0).sum(-1)).abs().sum().item()
+    assert flips <= 1e-5 * B * d_sae + 1
+    assert rel_err(acts.to_dense(), f_ref) < GPU_TOL[dtype] * 10
+    x_hat = ops.sparse_decode(acts, W_dec, p["b_dec"], backend="triton")
+    x_hat_ref = acts.to_dense(torch.float64) @ W_dec.double() + p["b_dec"].double()
+    assert rel_err(x_hat, x_hat_ref) < GPU_TOL[dtype]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["grouped", "atomic"])
+@pytest.mark.parametrize("dtype", list(GPU_TOL))
+def test_gpu_loss_and_grads_at_real_sizes(scatter, mode, dtype):
+    scatter(mode)
+    B, d_in, d_sae = 2048, 1024, 16384
+    p, W_dec = make_params(d_in, d_sae, dtype, l0_frac=64 / d_sae, device="cuda")
+    x = make_x((B, d_in), dtype, device="cuda")
+    names = ["W_enc", "W_dec", "b_dec", "b_gate", "r_mag", "b_mag"]
+
+    def run(fn, cast):
+        t = {k: cast(v).requires_grad_() for k, v in dict(p, W_dec=W_dec).items()}
+        out = fn(cast(x), *[t[k] for k in names], 0.05, sparsity="decoder_norm", aux="frozen")
+        out.loss.backward()
+        return out, {k: t[k].grad for k in names}
+
+    out, grads = run(lambda *a, **k: ops.gated_sae_loss(*a, **k, backend="triton", capacity=128),
+                     lambda v: v.clone())
+    ref, ref_grads = run(reference.gated_sae_loss, lambda v: v.double())
+    tol = GPU_TOL[dtype]
+    for field in ("loss", "mse", "sparsity", "aux"):
+        assert rel_err(getattr(out, field), getattr(ref, field)) < tol, field
+    for k in names:
+        assert rel_err(grads[k], ref_grads[k]) < tol * 5, k
