@@ -82,7 +82,8 @@ def peers(sae, x, l1):
         from sae_lens.saes.gated_sae import GatedTrainingSAE, GatedTrainingSAEConfig
         from sae_lens.saes.sae import TrainStepInput
         s = GatedTrainingSAE(GatedTrainingSAEConfig(
-            d_in=d_in, d_sae=d_sae, dtype="float32", device="cpu", apply_b_dec_to_input=True,
+            d_in=d_in, d_sae=d_sae, dtype=str(x.dtype).split(".")[1], device=str(x.device),
+            apply_b_dec_to_input=True,
             normalize_activations="none", l1_coefficient=l1))
         with torch.no_grad():
             for k in PARAMS:
@@ -101,7 +102,7 @@ def peers(sae, x, l1):
         from dictionary_learning.trainers.gdm import GatedSAETrainer
         tr = GatedSAETrainer(steps=10_000, activation_dim=d_in, dict_size=d_sae, layer=0,
                              lm_name="none", l1_penalty=l1, warmup_steps=0,
-                             sparsity_warmup_steps=None, device="cpu", wandb_name=None)
+                             sparsity_warmup_steps=None, device=str(x.device), wandb_name=None)
         ae = tr.ae
         with torch.no_grad():
             ae.encoder.weight.copy_(p["W_enc"].T)

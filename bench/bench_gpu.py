@@ -1,0 +1,258 @@
+"""GPU benchmark of the Triton executor, side by side in one run, at stated L0s (issue 4).
+
+Sections, per dtype (fp32, bf16) and L0, on one set of parameters and one batch:
+  encode  the fused gated encode (op = the whole ops.gated_encode call with its host sync;
+          kernel = the executor call: GEMV + GEMM/epilogue kernel + row sort) against one cuBLAS
+          GEMM ``x @ W_enc`` of the same shape and dtype (goal: op <= 1.15x the GEMM) and
+          against the dense reference encode
+  decode  sparse decode forward + backward (grad values and grad W_dec; both scatters) against
+          the dense decode (dense acts @ W_dec, forward + backward) and against the measured copy
+          bandwidth: effective bandwidth = bytes the sparse forward must move / its time (goal:
+          >= 70% of a device-to-device copy)
+  step    a training step (zero_grad + loss + backward + fused Adam) of gsae_fast (triton),
+          of the dense reference and of SAELens' GatedTrainingSAE when installed (goal: triton
+          >= 4x faster than the reference), with the peak memory allocated during the step
+Adam runs with lr=1e-9 so L0 stays where the row says across repeats.
+
+    python bench/bench_gpu.py            # full: B=4096, d_in=2304, d_sae=65536, L0 32 and 128,
+                                         # fp32 and bf16 -> bench/results/gpu_<device>.{md,json}
+    python bench/bench_gpu.py --smoke    # tiny shapes, prints only; on CPU it runs the Triton
+                                         # interpreter (TRITON_INTERPRET=1) to test the script
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+if "--smoke" in sys.argv and not __import__("torch").cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import gsae_fast  # noqa: E402
+from gsae_fast import SparseActs, ops, reference  # noqa: E402
+from bench_step import make_step, peers  # noqa: E402
+
+FULL = (4096, 2304, 65536)
+SMOKE = (64, 32, 256)
+
+
+def timeit(fn, repeats, warmup=2):
+    """Median wall time (ms) of fn(), synchronising the device around each call."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts) * 1e3
+
+
+def peak_mb(fn):
+    """Peak device memory allocated during fn() above what was allocated before (MB)."""
+    if not torch.cuda.is_available():
+        return float("nan")
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+
+
+def copy_bandwidth_gbs(device, repeats):
+    n = (1 << 28) if device == "cuda" else (1 << 20)  # 1 GiB of fp32 on a GPU
+    src = torch.empty(n, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    ms = timeit(lambda: dst.copy_(src), repeats)
+    return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
+
+
+def make_case(shape, dtype, l0, device):
+    B, d_in, d_sae = shape
+    torch.manual_seed(0)
+    x = torch.randn(B, d_in, device=device, dtype=dtype)
+    sae = gsae_fast.GatedSAE(d_in, d_sae, backend="triton", device=device, dtype=dtype)
+    with torch.no_grad():  # one b_gate for all features: mean L0 of the batch = l0 (fp32 z)
+        z = ((x.float() - sae.b_dec.float()) @ sae.W_enc.float()).flatten()
+        k = max(1, int(round(l0 * B)))
+        sae.b_gate.fill_(-torch.topk(z, k + 1).values[-2:].mean().item())
+    return x, sae
+
+
+def bench_encode(x, sae, repeats):
+    p = [getattr(sae, k).detach() for k in ("W_enc", "b_dec", "b_gate", "r_mag", "b_mag")]
+    acts = ops.gated_encode(x, *p, backend="triton")
+    cap = ops.next_capacity(acts.max_count, sae.d_sae)
+    from gsae_fast import kernels
+    row = {"l0": round(acts.l0().item(), 1), "max_count": acts.max_count, "capacity": cap}
+    W = p[0]
+    row["gemm_ms"] = timeit(lambda: x @ W, repeats)
+    row["encode_op_ms"] = timeit(lambda: ops.gated_encode(x, *p, capacity=cap, backend="triton"),
+                                 repeats)
+    row["encode_kernel_ms"] = timeit(lambda: kernels.gated_encode(x, *p, cap), repeats)
+    row["reference_encode_ms"] = timeit(lambda: reference.encode(x, *p), repeats)
+    row["encode_op_over_gemm"] = row["encode_op_ms"] / row["gemm_ms"]
+    row["encode_mem_mb"] = peak_mb(lambda: ops.gated_encode(x, *p, capacity=cap, backend="triton"))
+    row["reference_encode_mem_mb"] = peak_mb(lambda: reference.encode(x, *p))
+    return row, ops.gated_encode(x, *p, capacity=cap, backend="triton")
+
+
+def bench_decode(acts, sae, repeats, copy_gbs):
+    from gsae_fast import kernels
+    W = sae.W_dec.detach().clone().requires_grad_()
+    b = sae.b_dec.detach()
+    val = acts.f.detach().clone().requires_grad_()
+    a = SparseActs(acts.idx, val, acts.pi_gate, acts.counts, acts.d_sae)
+    g = torch.randn(acts.counts.shape[0], W.shape[1], device=W.device, dtype=W.dtype)
+    row = {}
+    row["decode_fwd_ms"] = timeit(lambda: ops.sparse_decode(a, W, b, backend="triton"), repeats)
+    B, d_in = g.shape
+    pairs = acts.counts.sum().item()
+    nbytes = pairs * d_in * W.element_size() + B * d_in * W.element_size() + B * acts.capacity * 8
+    row["decode_fwd_gbs"] = nbytes / (row["decode_fwd_ms"] * 1e-3) / 1e9
+    row["decode_fwd_of_copy_bw"] = row["decode_fwd_gbs"] / copy_gbs
+
+    def fwd_bwd():
+        W.grad = val.grad = None
+        (ops.sparse_decode(a, W, b, backend="triton") * g).sum().backward()
+
+    before = kernels.scatter_mode()
+    for mode in kernels.SCATTER_MODES:
+        kernels.set_scatter(mode)
+        row[f"decode_fwd_bwd_{mode}_ms"] = timeit(fwd_bwd, repeats)
+    kernels.set_scatter(before)
+    dense = acts.to_dense(W.dtype).requires_grad_()
+
+    def dense_fwd_bwd():
+        W.grad = dense.grad = None
+        ((dense @ W + b) * g).sum().backward()
+
+    row["dense_decode_fwd_bwd_ms"] = timeit(dense_fwd_bwd, repeats)
+    return row
+
+
+def bench_step(x, sae, repeats, with_peers, l1=1e-3):
+    ref = gsae_fast.GatedSAE(sae.d_in, sae.d_sae, backend="reference", device=x.device,
+                             dtype=x.dtype)
+    ref.load_state_dict(sae.state_dict())
+    row = {}
+    steps = {}
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-9, fused=True)
+    steps["triton"] = make_step(sae, lambda: sae.loss(x, l1).loss, opt)
+    ref_opt = torch.optim.Adam(ref.parameters(), lr=1e-9, fused=True)
+    steps["reference"] = make_step(ref, lambda: ref.loss(x, l1).loss, ref_opt)
+    if with_peers:
+        for name, (module, loss) in peers(sae, x, l1).items():
+            if name == "sae_lens":
+                popt = torch.optim.Adam(module.parameters(), lr=1e-9, fused=True)
+                steps[name] = make_step(module, loss, popt)
+    for name, step in steps.items():
+        row[f"step_{name}_ms"] = timeit(step, repeats)
+        row[f"step_{name}_mem_mb"] = peak_mb(step)
+    row["step_speedup_vs_reference"] = row["step_reference_ms"] / row["step_triton_ms"]
+    return row
+
+
+def markdown(rows, meta):
+    out = [f"# Triton executor on {meta['device']}", "",
+           f"{meta['date']}, commit {meta['commit']}, torch {meta['torch']}, triton "
+           f"{meta['triton']}; median of {meta['repeats']} after 2 warm-ups; measured copy "
+           f"bandwidth {meta['copy_gbs']:.0f} GB/s.", ""]
+    sections = [
+        ("Fused encode vs one cuBLAS GEMM of the same shape (goal: op / gemm <= 1.15)",
+         ["dtype", "l0", "capacity", "gemm_ms", "encode_op_ms", "encode_kernel_ms",
+          "encode_op_over_gemm", "reference_encode_ms", "encode_mem_mb",
+          "reference_encode_mem_mb"]),
+        ("Sparse decode (goal: forward >= 70% of copy bandwidth)",
+         ["dtype", "l0", "decode_fwd_ms", "decode_fwd_gbs", "decode_fwd_of_copy_bw",
+          "decode_fwd_bwd_grouped_ms", "decode_fwd_bwd_atomic_ms", "dense_decode_fwd_bwd_ms"]),
+        ("Training step (goal: >= 4x faster than the reference)",
+         ["dtype", "l0", "step_triton_ms", "step_reference_ms", "step_sae_lens_ms",
+          "step_speedup_vs_reference", "step_triton_mem_mb", "step_reference_mem_mb",
+          "step_sae_lens_mem_mb"]),
+    ]
+    for title, cols in sections:
+        out += [f"## {title}", "", "B, d_in, d_sae = " + ", ".join(map(str, meta["shape"])), "",
+                "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        for r in rows:
+            out.append("| " + " | ".join(
+                (f"{r[c]:.3f}" if isinstance(r.get(c), float) and abs(r[c]) < 10 else
+                 f"{r[c]:.1f}" if isinstance(r.get(c), float) else str(r.get(c, "")))
+                for c in cols) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes, print only")
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--out", default=None, help="results folder (default bench/results)")
+    args = ap.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if "triton" not in gsae_fast.available_backends(device):
+        sys.exit(f"bench_gpu: the Triton executor cannot run on {device} "
+                 f"({gsae_fast.backends.why_unavailable('triton', torch.device(device))})")
+    shape = SMOKE if args.smoke else FULL
+    repeats = args.repeats or (1 if args.smoke else 10)
+    cases = [(dt, l0) for dt in (torch.float32, torch.bfloat16) for l0 in
+             ((8,) if args.smoke else (32, 128))]
+    if args.smoke:
+        cases = cases[:1]
+    commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"],
+                            capture_output=True, text=True).stdout.strip() or "unknown"
+    import triton
+    copy_gbs = copy_bandwidth_gbs(device, repeats)
+    meta = {"date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "commit": commit,
+            "torch": torch.__version__, "triton": triton.__version__, "repeats": repeats,
+            "device": torch.cuda.get_device_name() if device == "cuda" else "CPU (interpreter)",
+            "shape": shape, "copy_gbs": copy_gbs}
+    rows = []
+    for i, (dtype, l0) in enumerate(cases):
+        name = str(dtype).split(".")[1]
+        print(f"[{i + 1}/{len(cases)}] {name} L0={l0}", file=sys.stderr, flush=True)
+        x, sae = make_case(shape, dtype, l0, device)
+        row = {"dtype": name}
+        enc, acts = bench_encode(x, sae, repeats)
+        row.update(enc)
+        row.update(bench_decode(acts, sae, repeats, copy_gbs))
+        row.update(bench_step(x, sae, repeats, with_peers=not args.no_peers and not args.smoke))
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+        del x, sae, acts
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    md = markdown(rows, meta)
+    print(md)
+    if args.smoke and args.out is None:
+        return
+    out_dir = args.out or os.path.join(ROOT, "bench", "results")
+    os.makedirs(out_dir, exist_ok=True)
+    slug = re.sub(r"[^a-z0-9]+", "_", meta["device"].lower()).strip("_")
+    stem = os.path.join(out_dir, f"gpu_{slug}")
+    with open(stem + ".md", "w") as f:
+        f.write(md)
+    with open(stem + ".json", "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    print(f"wrote {stem}.md and {stem}.json", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

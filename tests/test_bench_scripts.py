@@ -1,0 +1,23 @@
+"""The benchmark scripts run end to end on tiny shapes (their figures are not checked here:
+speed is measured by bench/, never by unit tests)."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import gsae_fast
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.skipif("triton" not in gsae_fast.available_backends(
+    "cuda" if torch.cuda.is_available() else "cpu"), reason="triton is not installed")
+def test_bench_gpu_smoke():
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_gpu.py"), "--smoke"],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for section in ("Fused encode", "Sparse decode", "Training step"):
+        assert section in res.stdout
+    assert "| float32 |" in res.stdout
