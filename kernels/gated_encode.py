@@ -28,7 +28,7 @@ def _configs():
     if INTERPRET:  # one config: the interpreter cannot benchmark, and small tiles test the tails
         return [triton.Config(dict(BM=32, BN=32, BK=32, GROUP_M=2), num_warps=4)]
     # Hopper (H100/H200) and Ampere (A100): 128-row tiles, 64-256 features, K steps of 32-64.
-    shapes = [(128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (128, 256, 64, 8, 3),
+    shapes = [(128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (128, 256, 32, 8, 3),
               (64, 256, 32, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (256, 128, 64, 8, 3)]
     return [triton.Config(dict(BM=m, BN=n, BK=k, GROUP_M=8), num_warps=w, num_stages=s)
             for m, n, k, w, s in shapes]
