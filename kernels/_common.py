@@ -56,33 +56,42 @@ def next_pow2(n: int, lo: int = 16, hi: int = 1 << 30) -> int:
 # --------------------------------------------------------------------------------------------
 
 @triton.jit
-def _gemv_kernel(a_ptr, v_ptr, out_ptr, n_i, n_j, stride_i, stride_j,
+def _gemv_kernel(a_ptr, v_ptr, out_ptr, n_i, n_j, stride_i, stride_j, rows_per_split,
                  ACC: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr):
+    """Partial sums over one split of i: out[split, j] = sum_{i in split} A[i, j] v[i]."""
     rj = tl.program_id(0) * BJ + tl.arange(0, BJ)
     j_ok = rj < n_j
+    i_start = tl.program_id(1) * rows_per_split
+    i_end = tl.minimum(i_start + rows_per_split, n_i)
     acc = tl.zeros((BJ,), ACC)
-    for i0 in range(0, n_i, BI):
+    for i0 in range(i_start, i_end, BI):
         ri = i0 + tl.arange(0, BI)
-        i_ok = ri < n_i
-        a = tl.load(a_ptr + ri[:, None].to(tl.int64) * stride_i + rj[None, :].to(tl.int64) * stride_j,
-                    mask=i_ok[:, None] & j_ok[None, :], other=0.0).to(ACC)
+        i_ok = ri < i_end
+        offs = ri[:, None].to(tl.int64) * stride_i + rj[None, :].to(tl.int64) * stride_j
+        a = tl.load(a_ptr + offs, mask=i_ok[:, None] & j_ok[None, :], other=0.0).to(ACC)
         v = tl.load(v_ptr + ri, mask=i_ok, other=0.0).to(ACC)
         acc += tl.sum(a * v[:, None], axis=0)
-    tl.store(out_ptr + rj, acc, mask=j_ok)
+    tl.store(out_ptr + tl.program_id(1).to(tl.int64) * n_j + rj, acc, mask=j_ok)
 
 
 def vec_mat(v: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
-    """``v @ A`` for ``A [n, m]`` (any strides) in the accumulation dtype, without upcasting A."""
+    """``v @ A`` for ``A [n, m]`` (any strides) in the accumulation dtype, without upcasting A.
+
+    When m is small (``W_enc @ s``: m = d_in) the reduction over n is split across programs so
+    the whole GPU reads A; the partial sums are added in a fixed order (deterministic)."""
     n, m = A.shape
-    out = torch.empty(m, dtype=torch.float64 if A.dtype == torch.float64 else torch.float32,
-                      device=A.device)
-    if m == 0:
-        return out
-    BJ = 64 if INTERPRET else 128
-    with on_device(A):
-        _gemv_kernel[(triton.cdiv(m, BJ),)](A, v, out, n, m, A.stride(0), A.stride(1),
-                                           ACC=acc_tl(A.dtype), BI=32, BJ=BJ)
-    return out
+    acc = torch.float64 if A.dtype == torch.float64 else torch.float32
+    BI, BJ = 32, (64 if INTERPRET else 128)
+    j_blocks = triton.cdiv(m, BJ)
+    splits = max(1, min(triton.cdiv(n, 8 * BI), 1024 // j_blocks))
+    rows_per_split = max(BI, triton.cdiv(triton.cdiv(n, splits), BI) * BI)
+    splits = max(1, triton.cdiv(n, rows_per_split))
+    partial = torch.zeros(splits, m, dtype=acc, device=A.device)
+    if m and n:
+        with on_device(A):
+            _gemv_kernel[(j_blocks, splits)](A, v, partial, n, m, A.stride(0), A.stride(1),
+                                            rows_per_split, ACC=acc_tl(A.dtype), BI=BI, BJ=BJ)
+    return partial[0] if splits == 1 else partial.sum(0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -137,7 +146,8 @@ def _grouped_scatter_kernel(ptr_ptr, feats_ptr, rows_ptr, w_ptr, src_ptr, sub_pt
         # one_hot[f, p] = w[p] if pair p belongs to feature f: the scatter as a matrix product.
         one_hot = tl.where(feat[None, :] == rf[:, None], w[None, :], 0.0).to(ACC)
         acc = tl.dot(one_hot, src, acc, input_precision=PRECISION, out_dtype=ACC)
-    out = out_ptr + rf[:, None].to(tl.int64) * out_stride_f + rc[None, :].to(tl.int64) * out_stride_c
+    out = (out_ptr + rf[:, None].to(tl.int64) * out_stride_f
+           + rc[None, :].to(tl.int64) * out_stride_c)
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=f_ok[:, None] & c_ok[None, :])
 
 

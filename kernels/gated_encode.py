@@ -35,7 +35,8 @@ def _configs():
 
 
 # The counters are restored after each autotuning run, so the tuned launch counts from zero.
-@triton.autotune(configs=_configs(), key=["d_in", "d_sae"], restore_value=["counts_ptr", "status_ptr"])
+@triton.autotune(configs=_configs(), key=["d_in", "d_sae"],
+                 restore_value=["counts_ptr", "status_ptr"])
 @triton.jit
 def _gated_encode_kernel(x_ptr, w_ptr, c_ptr, b_gate_ptr, r_mag_ptr, b_mag_ptr,
                          f_ptr, pi_ptr, idx_ptr, counts_ptr, status_ptr,

@@ -24,7 +24,8 @@ def _configs():
                               (16, 1024, 8), (64, 128, 4)]]
 
 
-@triton.autotune(configs=_configs(), key=["d_in", "K"])
+# Tuned per d_in only: the capacity K drifts with L0 and would re-tune at every new value.
+@triton.autotune(configs=_configs(), key=["d_in"])
 @triton.jit
 def _sparse_decode_kernel(idx_ptr, val_ptr, counts_ptr, w_ptr, bias_ptr, out_ptr, K, d_in,
                           HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
@@ -47,7 +48,7 @@ def _sparse_decode_kernel(idx_ptr, val_ptr, counts_ptr, w_ptr, bias_ptr, out_ptr
     tl.store(out_ptr + row * d_in + rd, acc.to(out_ptr.dtype.element_ty), mask=d_ok)
 
 
-@triton.autotune(configs=_configs(), key=["d_in", "K"])
+@triton.autotune(configs=_configs(), key=["d_in"])
 @triton.jit
 def _sparse_dot_kernel(grad_ptr, idx_ptr, counts_ptr, w_ptr, out_ptr, K, d_in,
                        ACC: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr):
@@ -83,8 +84,8 @@ def _scatter_atomic_kernel(grad_ptr, idx_ptr, val_ptr, counts_ptr, out_ptr, K, d
         s_ok = rs < n
         i = tl.load(idx_ptr + row * K + rs, mask=s_ok, other=0)
         v = tl.load(val_ptr + row * K + rs, mask=s_ok, other=0.0).to(ACC)
-        tl.atomic_add(out_ptr + i[:, None].to(tl.int64) * d_in + rd[None, :], v[:, None] * g[None, :],
-                      mask=s_ok[:, None] & d_ok[None, :])
+        tl.atomic_add(out_ptr + i[:, None].to(tl.int64) * d_in + rd[None, :],
+                      v[:, None] * g[None, :], mask=s_ok[:, None] & d_ok[None, :])
 
 
 def sparse_decode(idx, val, counts, W_dec, bias):

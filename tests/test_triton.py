@@ -167,3 +167,18 @@ def test_kernels_compile_for_hopper_and_ampere():
                          capture_output=True, text=True, timeout=1200)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     assert res.stdout.count("ok ") >= 2 * 2 * 20  # archs x dtypes x kernel configurations
+
+
+@pytest.mark.parametrize("n,m,transposed", [(0, 5, False), (7, 13, False), (3000, 5, True),
+                                            (300, 200, False)])
+def test_vec_mat_matches_torch(n, m, transposed):
+    """The GEMV behind b_dec @ W_enc and W_enc @ grad: split reductions, any strides."""
+    from gsae_fast.kernels import _common
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(m, n, generator=g, dtype=torch.float64).t() if transposed else \
+        torch.randn(n, m, generator=g, dtype=torch.float64)
+    v = torch.randn(n, generator=g, dtype=torch.float64)
+    A, v = A.to(DEVICE), v.to(DEVICE)
+    out = _common.vec_mat(v, A)
+    assert out.shape == (m,) and out.dtype == torch.float64
+    assert torch.allclose(out, v @ A, rtol=1e-12, atol=1e-12)

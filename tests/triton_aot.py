@@ -40,7 +40,7 @@ def cases(dt: str):
 
     yield ("gemv", common._gemv_kernel,
            dict(a_ptr=f"*{dt}", v_ptr=f"*{dt}", out_ptr="*fp32", n_i="i32", n_j="i32",
-                stride_i="i32", stride_j="i32"),
+                stride_i="i32", stride_j="i32", rows_per_split="i32"),
            dict(ACC=acc), [(dict(BI=32, BJ=128), 4, 3)])
     for has_w in (True, False):
         yield (f"grouped_scatter(HAS_W={has_w})", common._grouped_scatter_kernel,
