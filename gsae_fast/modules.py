@@ -6,7 +6,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
-from . import backends, ops, reference
+from . import backends, interop, ops, reference
 from .types import GatedLoss, SparseActs
 
 
@@ -51,6 +51,8 @@ class GatedSAE(nn.Module):
         self.r_mag = nn.Parameter(torch.zeros(d_sae, **kw))
         self.b_mag = nn.Parameter(torch.zeros(d_sae, **kw))
         self._capacity: Optional[int] = None
+        # SAELens metadata of a converted/loaded SAE, written back by save_pretrained.
+        self.sae_lens_metadata: Optional[dict] = None
 
     def extra_repr(self) -> str:
         return f"d_in={self.d_in}, d_sae={self.d_sae}, backend={self.backend!r}"
@@ -107,3 +109,33 @@ class GatedSAE(nn.Module):
                                  backend=self._backend_for(x), capacity=self._capacity)
         self._remember(out.max_count)
         return out
+
+    # -- interop (gsae_fast.interop has the details and the refused settings) --------------
+
+    @classmethod
+    def from_sae_lens(cls, sae, *, share: bool = False, backend: str = "auto") -> "GatedSAE":
+        """From a SAELens ``GatedSAE`` / ``GatedTrainingSAE`` (``share``: same Parameters)."""
+        return interop.from_sae_lens(sae, share=share, backend=backend)
+
+    def to_sae_lens(self, *, training: bool = False, share: bool = False, **cfg_overrides):
+        """A SAELens ``GatedSAE`` (``GatedTrainingSAE`` with ``training=True``)."""
+        return interop.to_sae_lens(self, training=training, share=share, **cfg_overrides)
+
+    @classmethod
+    def from_dictionary_learning(cls, ae, *, share: bool = False,
+                                 backend: str = "auto") -> "GatedSAE":
+        """From a dictionary_learning ``GatedAutoEncoder`` or its state dict."""
+        return interop.from_dictionary_learning(ae, share=share, backend=backend)
+
+    def to_dictionary_learning(self, *, share: bool = False):
+        """A dictionary_learning ``GatedAutoEncoder``."""
+        return interop.to_dictionary_learning(self, share=share)
+
+    def save_pretrained(self, path) -> None:
+        """Save in SAELens' format (``cfg.json`` + ``sae_weights.safetensors``)."""
+        interop.save_pretrained(self, path)
+
+    @classmethod
+    def load(cls, path, *, device="cpu", dtype=None, backend: str = "auto") -> "GatedSAE":
+        """Load a SAELens checkpoint folder or a dictionary_learning one (``ae.pt``)."""
+        return interop.load(path, device=device, dtype=dtype, backend=backend)

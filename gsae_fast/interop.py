@@ -1,0 +1,248 @@
+"""Converters and checkpoints between :class:`gsae_fast.GatedSAE` and the two public Gated SAE
+implementations, SAELens and dictionary_learning.
+
+- SAELens (``sae_lens.saes.gated_sae.GatedSAE`` / ``GatedTrainingSAE``): the same parameter names
+  and layouts. On disk: ``cfg.json`` + ``sae_weights.safetensors`` (``SAE.save_model`` /
+  ``SAE.load_from_disk``); :func:`save_pretrained` writes that format, :func:`load` reads it.
+- dictionary_learning (``dictionary_learning.dictionary.GatedAutoEncoder``):
+  ``encoder.weight = W_enc.T``, ``decoder.weight = W_dec.T``, ``decoder_bias = b_dec``,
+  ``gate_bias = b_gate``, ``mag_bias = b_mag``, ``r_mag``. On disk: ``ae.pt`` (a state dict) +
+  ``config.json``; :func:`load` reads it.
+
+``share=True`` makes the new module use the same storage (SAELens: the same ``nn.Parameter``
+objects; dictionary_learning: transposed views of its weights, so in-place updates such as an
+optimizer step show on both sides); ``share=False`` copies.
+
+Settings gsae_fast does not implement are refused with :class:`UnsupportedSAEError`, never
+ignored: SAELens ``apply_b_dec_to_input=False``, any ``normalize_activations`` other than
+``"none"`` (fold the normalisation into the weights first), ``reshape_activations="hook_z"``
+(flatten the heads yourself), ``use_error_term=True``; architectures other than ``"gated"``.
+The SAELens libraries are imported only by the functions that build their objects.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+PARAMS = ("W_enc", "W_dec", "b_dec", "b_gate", "r_mag", "b_mag")
+SAE_LENS_CFG, SAE_LENS_WEIGHTS = "cfg.json", "sae_weights.safetensors"
+DL_CFG, DL_WEIGHTS = "config.json", "ae.pt"
+# dictionary_learning state-dict key -> (our name, transposed)
+DL_KEYS = {"encoder.weight": ("W_enc", True), "decoder.weight": ("W_dec", True),
+           "decoder_bias": ("b_dec", False), "gate_bias": ("b_gate", False),
+           "r_mag": ("r_mag", False), "mag_bias": ("b_mag", False)}
+
+
+class UnsupportedSAEError(ValueError):
+    """An SAE (or checkpoint) uses a setting gsae_fast does not implement."""
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _parse_dtype(name: Union[str, torch.dtype, None]) -> Optional[torch.dtype]:
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    dtype = getattr(torch, str(name).removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r}")
+    return dtype
+
+
+def check_sae_lens_cfg(cfg: dict) -> None:
+    """Raise UnsupportedSAEError for SAELens settings gsae_fast does not implement."""
+    arch = cfg.get("architecture", "gated")
+    if arch != "gated":
+        raise UnsupportedSAEError(f"SAELens architecture {arch!r}: gsae_fast.GatedSAE takes "
+                                  "'gated' SAEs only")
+    if not cfg.get("apply_b_dec_to_input", True):
+        raise UnsupportedSAEError("SAELens apply_b_dec_to_input=False is not supported: "
+                                  "gsae_fast's encoder always centres the input with b_dec")
+    norm = cfg.get("normalize_activations", "none") or "none"
+    if norm != "none":
+        raise UnsupportedSAEError(
+            f"SAELens normalize_activations={norm!r} is not supported: gsae_fast takes SAEs on "
+            "raw activations; fold the normalisation into the weights (or normalise the inputs "
+            "yourself) and set normalize_activations='none'")
+    reshape = cfg.get("reshape_activations", "none") or "none"
+    if reshape != "none":
+        raise UnsupportedSAEError(f"SAELens reshape_activations={reshape!r} is not supported: "
+                                  "flatten the heads ([..., n_heads * d_head]) before encoding")
+
+
+def _sae_lens_cfg_dict(sae) -> dict:
+    cfg = sae.cfg.to_dict() if hasattr(sae.cfg, "to_dict") else dict(vars(sae.cfg))
+    cfg.setdefault("architecture", sae.cfg.architecture())
+    return cfg
+
+
+def _new_module(d_in: int, d_sae: int, params: dict, backend: str, metadata: Optional[dict]):
+    from .modules import GatedSAE
+    shapes = dict(W_enc=(d_in, d_sae), W_dec=(d_sae, d_in), b_dec=(d_in,), b_gate=(d_sae,),
+                  r_mag=(d_sae,), b_mag=(d_sae,))
+    for name, shape in shapes.items():
+        if tuple(params[name].shape) != shape:
+            raise UnsupportedSAEError(f"{name} has shape {list(params[name].shape)}, expected "
+                                      f"{list(shape)} (d_in={d_in}, d_sae={d_sae})")
+    if len({params[n].dtype for n in PARAMS}) > 1 or len({params[n].device for n in PARAMS}) > 1:
+        raise UnsupportedSAEError("the parameters do not share one dtype and device: "
+                                  f"{ {n: (params[n].dtype, str(params[n].device)) for n in PARAMS} }")
+    sae = GatedSAE(d_in, d_sae, device="meta", decoder_init_norm=None)  # no wasted init
+    for name in PARAMS:
+        p = params[name]
+        setattr(sae, name, p if isinstance(p, nn.Parameter) else nn.Parameter(p))
+    sae.backend = backend
+    if backend not in ("auto", "reference"):
+        from . import backends
+        backends.resolve(backend, sae.W_enc.device)
+    sae.sae_lens_metadata = metadata
+    return sae
+
+
+def from_sae_lens(sae, *, share: bool = False, backend: str = "auto"):
+    """A gsae_fast.GatedSAE from a SAELens ``GatedSAE`` / ``GatedTrainingSAE``."""
+    for name in PARAMS:
+        if not isinstance(getattr(sae, name, None), torch.Tensor):
+            raise TypeError(f"from_sae_lens: expected a SAELens Gated SAE (with {PARAMS}), got "
+                            f"{type(sae).__name__} without {name!r}")
+    cfg = _sae_lens_cfg_dict(sae)
+    check_sae_lens_cfg(cfg)
+    if getattr(sae, "use_error_term", False):
+        raise UnsupportedSAEError("SAELens use_error_term=True is not supported (its forward "
+                                  "adds the reconstruction error back); set it to False")
+    params = {n: getattr(sae, n) if share else getattr(sae, n).detach().clone() for n in PARAMS}
+    d_in, d_sae = params["W_enc"].shape
+    return _new_module(d_in, d_sae, params, backend, cfg.get("metadata"))
+
+
+def sae_lens_cfg(gsae, **overrides) -> dict:
+    """The SAELens config dict (``cfg.json``) of a gsae_fast.GatedSAE."""
+    cfg = dict(d_in=gsae.d_in, d_sae=gsae.d_sae, dtype=_dtype_name(gsae.W_enc.dtype),
+               device=str(gsae.W_enc.device), apply_b_dec_to_input=True,
+               normalize_activations="none", reshape_activations="none",
+               metadata=dict(getattr(gsae, "sae_lens_metadata", None) or {}),
+               architecture="gated")
+    cfg.update(overrides)
+    return cfg
+
+
+def to_sae_lens(gsae, *, training: bool = False, share: bool = False, **cfg_overrides):
+    """A SAELens ``GatedSAE`` (or ``GatedTrainingSAE`` with ``training=True``; config fields such
+    as ``l1_coefficient`` go in ``cfg_overrides``) with this module's parameters."""
+    from sae_lens.saes.gated_sae import (GatedSAE, GatedSAEConfig, GatedTrainingSAE,
+                                         GatedTrainingSAEConfig)
+    cls, cfg_cls = (GatedTrainingSAE, GatedTrainingSAEConfig) if training else (GatedSAE,
+                                                                                GatedSAEConfig)
+    cfg = sae_lens_cfg(gsae, **cfg_overrides)
+    check_sae_lens_cfg(cfg)
+    metadata = cfg.pop("metadata")
+    cfg.pop("architecture")
+    out = cls(cfg_cls(**cfg))
+    for k, v in metadata.items():
+        out.cfg.metadata[k] = v
+    with torch.no_grad():
+        for name in PARAMS:
+            if share:
+                setattr(out, name, getattr(gsae, name))
+            else:
+                getattr(out, name).copy_(getattr(gsae, name))
+    return out
+
+
+def from_dictionary_learning(ae, *, share: bool = False, backend: str = "auto"):
+    """A gsae_fast.GatedSAE from a dictionary_learning ``GatedAutoEncoder`` (or its state dict)."""
+    state = ae if isinstance(ae, dict) else dict(ae.named_parameters())
+    missing = [k for k in DL_KEYS if k not in state]
+    if missing:
+        raise TypeError(f"from_dictionary_learning: expected a GatedAutoEncoder, missing {missing}")
+    params = {}
+    for key, (name, transposed) in DL_KEYS.items():
+        t = state[key].detach()
+        t = t.t() if transposed else t
+        params[name] = t if share else t.clone().contiguous()
+    d_in, d_sae = params["W_enc"].shape
+    return _new_module(d_in, d_sae, params, backend, None)
+
+
+def to_dictionary_learning(gsae, *, share: bool = False):
+    """A dictionary_learning ``GatedAutoEncoder`` with this module's parameters."""
+    from dictionary_learning.dictionary import GatedAutoEncoder
+    ae = GatedAutoEncoder(gsae.d_in, gsae.d_sae, initialization=lambda m: None,
+                          device=gsae.W_enc.device).to(gsae.W_enc.dtype)
+    for key, (name, transposed) in DL_KEYS.items():
+        t = getattr(gsae, name).detach()
+        t = t.t() if transposed else t
+        parent, _, attr = key.rpartition(".")
+        setattr(ae.get_submodule(parent) if parent else ae, attr,
+                nn.Parameter(t if share else t.clone().contiguous()))
+    return ae
+
+
+def _safetensors():
+    try:
+        import safetensors.torch
+    except ImportError as e:
+        raise ImportError("SAELens checkpoints need the safetensors package: pip install "
+                          "safetensors (or pip install gsae_fast[interop])") from e
+    return safetensors.torch
+
+
+def save_pretrained(gsae, path: Union[str, os.PathLike]) -> None:
+    """Write ``path/cfg.json`` + ``path/sae_weights.safetensors`` (SAELens' format: loads with
+    ``sae_lens.SAE.load_from_disk(path)`` and :func:`load`)."""
+    save_file = _safetensors().save_file
+    os.makedirs(path, exist_ok=True)
+    save_file({n: getattr(gsae, n).detach().contiguous() for n in PARAMS},
+              os.path.join(path, SAE_LENS_WEIGHTS))
+    with open(os.path.join(path, SAE_LENS_CFG), "w") as f:
+        json.dump(sae_lens_cfg(gsae), f, indent=1)
+
+
+def load(path: Union[str, os.PathLike], *, device: Union[str, torch.device] = "cpu",
+         dtype: Union[str, torch.dtype, None] = None, backend: str = "auto"):
+    """A gsae_fast.GatedSAE from a SAELens checkpoint folder (``cfg.json`` +
+    ``sae_weights.safetensors``) or a dictionary_learning one (``ae.pt`` [+ ``config.json``]).
+    ``dtype`` defaults to the checkpoint's."""
+    path = os.fspath(path)
+    if os.path.exists(os.path.join(path, SAE_LENS_WEIGHTS)):
+        load_file = _safetensors().load_file
+        cfg_path = os.path.join(path, SAE_LENS_CFG)
+        if not os.path.exists(cfg_path):
+            raise FileNotFoundError(f"{path}: has {SAE_LENS_WEIGHTS} but no {SAE_LENS_CFG}")
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+        check_sae_lens_cfg(cfg)
+        state = load_file(os.path.join(path, SAE_LENS_WEIGHTS), device=str(device))
+        missing = [n for n in PARAMS if n not in state]
+        if missing:
+            raise UnsupportedSAEError(f"{path}: {SAE_LENS_WEIGHTS} lacks {missing}")
+        dtype = _parse_dtype(dtype or cfg.get("dtype"))
+        metadata = cfg.get("metadata")
+    elif os.path.exists(os.path.join(path, DL_WEIGHTS)):
+        cfg_path = os.path.join(path, DL_CFG)
+        if os.path.exists(cfg_path):
+            with open(cfg_path) as f:
+                cls = json.load(f).get("trainer", {}).get("dict_class", "GatedAutoEncoder")
+            if cls != "GatedAutoEncoder":
+                raise UnsupportedSAEError(f"{path}: dictionary_learning dict_class {cls!r}; "
+                                          "gsae_fast.GatedSAE takes GatedAutoEncoder only")
+        raw = torch.load(os.path.join(path, DL_WEIGHTS), map_location=device, weights_only=True)
+        missing = [k for k in DL_KEYS if k not in raw]
+        if missing:
+            raise UnsupportedSAEError(f"{path}: {DL_WEIGHTS} is not a GatedAutoEncoder state "
+                                      f"dict (missing {missing})")
+        state = {name: (raw[k].t() if tr else raw[k]).contiguous()
+                 for k, (name, tr) in DL_KEYS.items()}
+        dtype = _parse_dtype(dtype)
+        metadata = None
+    else:
+        raise FileNotFoundError(f"{path}: no SAELens ({SAE_LENS_CFG} + {SAE_LENS_WEIGHTS}) or "
+                                f"dictionary_learning ({DL_WEIGHTS}) checkpoint there")
+    params = {n: state[n].to(dtype=dtype) if dtype else state[n] for n in PARAMS}
+    d_in, d_sae = params["W_enc"].shape
+    return _new_module(d_in, d_sae, params, backend, metadata)
