@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from conftest import CPU_BACKENDS, DTYPES, make_params, make_x, params64, rel_err
+from conftest import (CPU_BACKENDS, DTYPES, loss_and_grads_twice, make_params, make_x,
+                      params64, rel_err)
 from gsae_fast import SparseActs, ops, reference
 
 # (B, d_in, d_sae): empty and single-row batches, odd sizes, and sizes that cross the CPU
@@ -235,16 +236,7 @@ def test_frozen_aux_does_not_train_decoder(backend):
 def test_cpu_kernels_are_deterministic():
     if "cpu" not in CPU_BACKENDS:
         pytest.skip("C++ extension not built")
-    p, W_dec = make_params(40, 700, torch.float32, l0_frac=0.3)
-    x = make_x((300, 40), torch.float32)
-    runs = []
-    for _ in range(2):
-        t = {k: v.clone().requires_grad_() for k, v in dict(p, W_dec=W_dec).items()}
-        out = ops.gated_sae_loss(x, t["W_enc"], t["W_dec"], t["b_dec"], t["b_gate"], t["r_mag"],
-                                 t["b_mag"], 0.1, sparsity="decoder_norm", aux="shared",
-                                 backend="cpu")
-        out.loss.backward()
-        runs.append([out.loss.detach()] + [v.grad for v in t.values()])
+    runs = loss_and_grads_twice("cpu", (300, 40, 700))  # crosses the row and feature tiles
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 

@@ -26,6 +26,23 @@ def patched_dl(dictlearn):
     gsae_fast.unpatch_dictionary_learning()
 
 
+def assert_patch_keeps_the_numbers(run, patch, unpatch, cls, name):
+    """run() -> (dict of tensors, whether the kernels ran): equal before and after patch()."""
+    before, used = run()
+    assert not used
+    patch()
+    try:
+        assert getattr(cls, name).__module__ == "gsae_fast.patch"
+        after, used = run()
+        assert used
+    finally:
+        unpatch()
+    assert getattr(cls, name).__module__ != "gsae_fast.patch"
+    assert set(before) == set(after)
+    for k in before:
+        assert_rel(after[k].detach(), before[k].detach(), TOL64, k)
+
+
 def sae_lens_outputs(sl, p, x, training):
     sae = saelens_sae(sl, p, training=training)
     out = {"encode": sae.encode(x), "forward": sae(x)}
@@ -44,20 +61,11 @@ def sae_lens_outputs(sl, p, x, training):
 def test_patched_sae_lens_gives_the_same_numbers(saelens, training):
     p = make_params(D_IN, D_SAE, seed=21)
     x = make_x((BATCH,), D_IN, seed=21)
-    before, used = sae_lens_outputs(saelens, p, x, training)
-    assert not used
-    gsae_fast.patch_sae_lens()
-    try:
-        from sae_lens.saes.gated_sae import GatedSAE
-        assert GatedSAE.encode is gsae_fast.patch._sl_encode
-        after, used = sae_lens_outputs(saelens, p, x, training)
-        assert used
-    finally:
-        gsae_fast.unpatch_sae_lens()
-    assert GatedSAE.encode is not gsae_fast.patch._sl_encode
-    assert set(before) == set(after)
-    for k in before:
-        assert_rel(after[k].detach(), before[k].detach(), TOL64, k)
+    from sae_lens.saes.gated_sae import GatedSAE, GatedTrainingSAE
+    cls = GatedTrainingSAE if training else GatedSAE
+    assert_patch_keeps_the_numbers(lambda: sae_lens_outputs(saelens, p, x, training),
+                                   gsae_fast.patch_sae_lens, gsae_fast.unpatch_sae_lens, cls,
+                                   "training_forward_pass" if training else "encode")
 
 
 def test_patched_sae_lens_feature_acts_are_sparse(patched_sae_lens):
@@ -99,23 +107,11 @@ def test_dictionary_learning_patch_gives_the_same_numbers(dictlearn):
         out.update(loss=loss, log_f=log.f, **{f"log {k}": torch.tensor(v)
                                               for k, v in log.losses.items()},
                    **{f"grad {k}": g for k, g in dl_grads_in_our_layout(ae).items()})
-        out["used kernels"] = torch.tensor(float(hasattr(ae, "_gsae_fast_capacity")))
-        return out
+        return out, hasattr(ae, "_gsae_fast_capacity")  # set only by the kernel path
 
-    before = run()
-    assert before.pop("used kernels") == 0
-    gsae_fast.patch_dictionary_learning()
-    try:
-        from dictionary_learning.trainers.gdm import GatedSAETrainer
-        assert GatedSAETrainer.loss is gsae_fast.patch._dl_trainer_loss
-        after = run()
-        assert after.pop("used kernels") == 1
-    finally:
-        gsae_fast.unpatch_dictionary_learning()
-    assert GatedSAETrainer.loss is not gsae_fast.patch._dl_trainer_loss
-    assert set(before) == set(after)
-    for k in before:
-        assert_rel(after[k].detach(), before[k].detach(), TOL64, k)
+    from dictionary_learning.trainers.gdm import GatedSAETrainer
+    assert_patch_keeps_the_numbers(run, gsae_fast.patch_dictionary_learning,
+                                   gsae_fast.unpatch_dictionary_learning, GatedSAETrainer, "loss")
 
 
 def test_dictionary_learning_patch_falls_back_for_normalize_decoder(patched_dl):

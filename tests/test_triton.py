@@ -4,7 +4,7 @@ the interpreter): capacity edges, both decoder-gradient scatters, determinism; a
 import pytest
 import torch
 
-from conftest import make_params, make_x, params64, rel_err
+from conftest import loss_and_grads_twice, make_params, make_x, params64, rel_err
 from gsae_fast import GatedSAE, SparseActs, available_backends, ops, reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu = the Triton interpreter
@@ -74,16 +74,7 @@ def test_deterministic_mode_forces_grouped_scatter(scatter):
 
 
 def test_grouped_backward_is_bitwise_reproducible():
-    p, W_dec = make_params(24, 100, torch.float32, l0_frac=0.3, device=DEVICE)
-    x = make_x((40, 24), torch.float32, device=DEVICE)
-    runs = []
-    for _ in range(2):
-        t = {k: v.clone().requires_grad_() for k, v in dict(p, W_dec=W_dec).items()}
-        out = ops.gated_sae_loss(x, t["W_enc"], t["W_dec"], t["b_dec"], t["b_gate"], t["r_mag"],
-                                 t["b_mag"], 0.1, sparsity="decoder_norm", aux="shared",
-                                 backend="triton")
-        out.loss.backward()
-        runs.append([out.loss.detach()] + [v.grad for v in t.values()])
+    runs = loss_and_grads_twice("triton", (40, 24, 100), device=DEVICE)
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
