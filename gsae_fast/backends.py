@@ -44,10 +44,9 @@ def _has_kernel(op: str, key: str) -> bool:
 
 def _triton_kernels():
     try:
-        mod = importlib.import_module("gsae_fast.kernels")
+        return importlib.import_module("gsae_fast.kernels")
     except ImportError:
         return None
-    return mod if getattr(mod, "EXECUTOR_READY", False) else None
 
 
 def why_unavailable(backend: str, device: torch.device) -> Optional[str]:
@@ -77,6 +76,8 @@ def why_unavailable(backend: str, device: torch.device) -> Optional[str]:
     kernels = _triton_kernels()
     if kernels is None:
         return "the Triton executor is not available (triton is not installed)"
+    if not kernels.EXECUTOR_READY:
+        return f"the Triton executor is not available: {kernels.NOT_READY}"
     if device.type == "cpu" and not kernels.INTERPRET:
         return "TRITON_INTERPRET=1 was set after gsae_fast.kernels was imported"
     return None
@@ -109,6 +110,6 @@ def executor(backend: str):
     if backend in ("cpu", "cuda"):
         return torch.ops.gsae_fast_C
     if backend == "triton":
-        return _triton_kernels()
+        return _triton_kernels()  # resolve() has checked that it is ready
     raise ValueError(f"unknown backend {backend!r}")
 

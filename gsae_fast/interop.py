@@ -221,6 +221,11 @@ def load(path: Union[str, os.PathLike], *, device: Union[str, torch.device] = "c
         missing = [n for n in PARAMS if n not in state]
         if missing:
             raise UnsupportedSAEError(f"{path}: {SAE_LENS_WEIGHTS} lacks {missing}")
+        extra = [k for k in state if k not in PARAMS and not (
+            k == "scaling_factor" and bool((state[k] == 1).all()))]  # legacy, 1 = no scaling
+        if extra:
+            raise UnsupportedSAEError(f"{path}: {SAE_LENS_WEIGHTS} has tensors gsae_fast does not "
+                                      f"implement: {extra}")
         dtype = _parse_dtype(dtype or cfg.get("dtype"))
         metadata = cfg.get("metadata")
     elif os.path.exists(os.path.join(path, DL_WEIGHTS)):

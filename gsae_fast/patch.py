@@ -11,7 +11,8 @@ checks outputs, losses and gradients against the unpatched classes). Whenever a 
 something the kernels do not implement, the original method runs instead, so results never
 change: SAELens hooks attached to the SAE's hook points, ``use_error_term``, input normalisation
 or ``hook_z`` reshaping, ``apply_b_dec_to_input=False``; dictionary_learning's
-``normalize_decoder=True``.
+``normalize_decoder=True`` and hooks on the autoencoder's ``encoder`` / ``decoder``. (Hooks on the
+SAE module itself run either way: they wrap ``forward``.)
 
 What differs by design: SAELens' ``training_forward_pass`` returns ``feature_acts`` as a sparse COO
 tensor (its trainer accepts that: it calls ``.bool()``, ``.sum`` and ``.to_dense()``), and
@@ -48,12 +49,11 @@ def _unpatch(classes):
 
 
 def _original(cls, name):
-    """The method as it was before patching (inherited ones included)."""
-    own = _saved.get((cls, name))
-    if own is not None:
-        return own
-    for base in cls.__mro__[1:]:
-        if name in base.__dict__:
+    """The method as it was before patching, for ``cls`` or any subclass of a patched class."""
+    for base in cls.__mro__:
+        if (base, name) in _saved and _saved[(base, name)] is not None:
+            return _saved[(base, name)]
+        if name in base.__dict__ and (base, name) not in _saved:
             return base.__dict__[name]
     raise AttributeError(name)
 
@@ -64,6 +64,11 @@ def _sparse(x, params, holder, backend) -> SparseActs:
                             backend=backend)
     holder._gsae_fast_capacity = ops.next_capacity(acts.max_count, acts.d_sae)
     return acts
+
+
+def _has_module_hooks(*modules) -> bool:
+    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+               or getattr(m, "_backward_pre_hooks", None) for m in modules)
 
 
 def _coo(acts: SparseActs, values) -> torch.Tensor:
@@ -87,7 +92,9 @@ def _sae_lens_ok(sae) -> bool:
         return False
     if getattr(sae, "use_error_term", False):
         return False
-    return not any(h.fwd_hooks or h.bwd_hooks for h in sae.hook_dict.values())
+    hook_points = list(sae.hook_dict.values())
+    return not (any(h.fwd_hooks or h.bwd_hooks for h in hook_points)
+                or _has_module_hooks(*hook_points))
 
 
 def _sl_params(sae):
@@ -154,24 +161,34 @@ def unpatch_sae_lens() -> None:
 # --------------------------------------------------------------------------- dictionary_learning
 
 
+def _dl_ok(ae, normalize_decoder) -> bool:
+    return not normalize_decoder and not _has_module_hooks(ae.encoder, ae.decoder)
+
+
+def _dl_input(ae, x):
+    # The original computes encoder(x - decoder_bias): torch promotes x (e.g. bf16 activations
+    # into an fp32 autoencoder); the kernels take one dtype, so promote the same way.
+    return x.to(torch.result_type(x, ae.encoder.weight))
+
+
 def _dl_params(ae):
     # nn.Linear weights are the transposes of ours; ops make them contiguous (a copy per call).
     return ae.encoder.weight.T, ae.decoder_bias, ae.gate_bias, ae.r_mag, ae.mag_bias
 
 
 def _dl_encode(self, x, return_gate=False, normalize_decoder=False):
-    if normalize_decoder:
+    if not _dl_ok(self, normalize_decoder):
         return _original(type(self), "encode")(self, x, return_gate, normalize_decoder)
-    acts = _sparse(x, _dl_params(self), self, _backend["dictionary_learning"])
+    acts = _sparse(_dl_input(self, x), _dl_params(self), self, _backend["dictionary_learning"])
     dtype = self.encoder.weight.dtype
     f = acts.to_dense(dtype=dtype)
     return (f, acts.to_dense(dtype=dtype, values="pi_gate")) if return_gate else f
 
 
 def _dl_forward(self, x, output_features=False, normalize_decoder=False):
-    if normalize_decoder:
+    if not _dl_ok(self, normalize_decoder):
         return _original(type(self), "forward")(self, x, output_features, normalize_decoder)
-    acts = _sparse(x, _dl_params(self), self, _backend["dictionary_learning"])
+    acts = _sparse(_dl_input(self, x), _dl_params(self), self, _backend["dictionary_learning"])
     x_hat = ops.sparse_decode(acts, self.decoder.weight.T, self.decoder_bias,
                               backend=_backend["dictionary_learning"])
     return (x_hat, acts.to_dense(dtype=self.encoder.weight.dtype)) if output_features else x_hat
@@ -179,6 +196,9 @@ def _dl_forward(self, x, output_features=False, normalize_decoder=False):
 
 def _dl_trainer_loss(self, x, step, logging=False, **kwargs):
     ae = self.ae
+    if not _dl_ok(ae, False):
+        return _original(type(self), "loss")(self, x, step, logging=logging, **kwargs)
+    x = _dl_input(ae, x)
     coef = self.l1_penalty * self.sparsity_warmup_fn(step)
     out = ops.gated_sae_loss(x, ae.encoder.weight.T, ae.decoder.weight.T, ae.decoder_bias,
                              ae.gate_bias, ae.r_mag, ae.mag_bias, coef, sparsity="unit",

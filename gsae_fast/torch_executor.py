@@ -28,6 +28,9 @@ def _coo(idx: Tensor, counts: Tensor, values: Tensor, d_sae: int) -> Tensor:
 
 
 def gated_encode(x, W_enc, b_dec, b_gate, r_mag, b_mag, capacity: int):
+    # Contract of every executor: counts are the true counts; a row with more than `capacity`
+    # actives keeps `capacity` of them (which ones is unspecified; this one keeps the lowest
+    # indices), and status[0] > capacity tells the caller to re-run.
     acc = acc_dtype(x.dtype)
     B, d_sae = x.shape[0], W_enc.shape[1]
     z = (x.to(acc) - b_dec.to(acc)) @ W_enc.to(acc)

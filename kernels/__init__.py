@@ -14,9 +14,17 @@ They run on CUDA tensors, or on CPU tensors under the Triton interpreter (``TRIT
 set before import; slow, for testing the logic). :func:`set_scatter` picks how ``grad W_dec`` is
 scattered (deterministic "grouped", the default, or "atomic").
 """
+import triton
+
 from ._common import INTERPRET, SCATTER_MODES, scatter_mode, set_scatter  # noqa: F401
 from .gated_encode import gated_encode  # noqa: F401
 from .gated_encode_backward import gated_encode_backward  # noqa: F401
 from .sparse_decode import sparse_decode, sparse_decode_backward  # noqa: F401
 
-EXECUTOR_READY = True
+# Before triton 3.5, tl.atomic_add handed its old value only to one of the threads holding a
+# replicated element (triton-lang/triton#7402); the encode reserves its slots with an atomic on
+# a row sum, so older versions would write activations into the wrong slots.
+_VERSION = tuple(int(p) for p in triton.__version__.split(".")[:2])
+NOT_READY = (None if _VERSION >= (3, 5) or INTERPRET else
+             f"triton {triton.__version__} is too old (>= 3.5 needed: triton-lang/triton#7402)")
+EXECUTOR_READY = NOT_READY is None

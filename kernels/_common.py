@@ -7,8 +7,8 @@ feature ``i``, ``out[i, :] = sum over its pairs p of weight[p] * src[row[p], :]`
 program per (block of features, block of columns) writing its own output tile. That is the
 gradient of a decoder (rows of ``grad W_dec``), of an encoder (columns of ``grad W_enc``, written
 transposed) and the per-feature bias gradients, without atomics: the results are bitwise
-reproducible. The scatter into the tile is a ``tl.dot`` with a one-hot matrix, so it runs on the
-tensor cores.
+reproducible. The scatter into the tile is a ``tl.dot`` with a one-hot matrix: on the tensor
+cores (TF32) for bf16/fp16 inputs and where torch allows TF32; an FMA loop for exact fp32.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def dot_precision(dtype: torch.dtype) -> str:
 
     fp64 is exact; fp32 follows torch (TF32 only if ``torch.backends.cuda.matmul.allow_tf32``);
     bf16/fp16 inputs use TF32 for the fp32 products of the backward, whose 10-bit mantissa is
-    finer than the gradients' own rounding to the input dtype.
+    no coarser than the gradients' own rounding to the input dtype.
     """
     if dtype == torch.float64:
         return "ieee"
@@ -81,16 +81,17 @@ def vec_mat(v: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     the whole GPU reads A; the partial sums are added in a fixed order (deterministic)."""
     n, m = A.shape
     acc = torch.float64 if A.dtype == torch.float64 else torch.float32
+    if m == 0 or n == 0:
+        return torch.zeros(m, dtype=acc, device=A.device)
     BI, BJ = 32, (64 if INTERPRET else 128)
     j_blocks = triton.cdiv(m, BJ)
     splits = max(1, min(triton.cdiv(n, 8 * BI), 1024 // j_blocks))
     rows_per_split = max(BI, triton.cdiv(triton.cdiv(n, splits), BI) * BI)
     splits = max(1, triton.cdiv(n, rows_per_split))
-    partial = torch.zeros(splits, m, dtype=acc, device=A.device)
-    if m and n:
-        with on_device(A):
-            _gemv_kernel[(j_blocks, splits)](A, v, partial, n, m, A.stride(0), A.stride(1),
-                                            rows_per_split, ACC=acc_tl(A.dtype), BI=BI, BJ=BJ)
+    partial = torch.empty(splits, m, dtype=acc, device=A.device)
+    with on_device(A):
+        _gemv_kernel[(j_blocks, splits)](A, v, partial, n, m, A.stride(0), A.stride(1),
+                                        rows_per_split, ACC=acc_tl(A.dtype), BI=BI, BJ=BJ)
     return partial[0] if splits == 1 else partial.sum(0)
 
 
@@ -101,7 +102,7 @@ def vec_mat(v: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
 def group_by_feature(idx: torch.Tensor, counts: torch.Tensor, d_sae: int):
     """The active slots of ``idx [B, K]`` sorted by feature (stable: token order within a feature).
 
-    Returns ``(ptr [d_sae + 1] int32, feats [B*K] int32, order [B*K] int64)``: the pairs of
+    Returns ``(ptr [d_sae + 1] int64, feats [B*K] int32, order [B*K] int64)``: the pairs of
     feature ``i`` are positions ``ptr[i]:ptr[i+1]`` of the sorted list; ``order`` maps a position
     to its flat slot ``b * K + k`` and ``feats`` holds its feature (padding sorts last, key d_sae).
     No host synchronisation: the sizes are fixed.
@@ -110,8 +111,8 @@ def group_by_feature(idx: torch.Tensor, counts: torch.Tensor, d_sae: int):
     valid = torch.arange(K, device=idx.device) < counts.unsqueeze(1)
     keys = torch.where(valid, idx, torch.full_like(idx, d_sae)).reshape(-1)
     feats, order = torch.sort(keys, stable=True)
-    ptr = torch.searchsorted(feats, torch.arange(d_sae + 1, device=idx.device, dtype=feats.dtype),
-                             out_int32=True)
+    # int64 positions: B * K can pass 2**31 (a million tokens, an outlier row of 2048 actives).
+    ptr = torch.searchsorted(feats, torch.arange(d_sae + 1, device=idx.device, dtype=feats.dtype))
     return ptr, feats, order
 
 

@@ -34,8 +34,23 @@ def _configs():
             for m, n, k, w, s in shapes]
 
 
+def _fits_in_shared_memory(configs, named_args, **kwargs):
+    """Drop tiles whose pipelined K slices exceed the device's shared memory (they would only
+    fail at launch): stages x (BM + BN) x BK elements; the smallest tile if none fits."""
+    x = named_args["x_ptr"]
+    if not x.is_cuda:
+        return configs
+    limit = torch.cuda.get_device_properties(x.device).shared_memory_per_block_optin
+
+    def need(c):
+        return c.num_stages * (c.kwargs["BM"] + c.kwargs["BN"]) * c.kwargs["BK"] * x.element_size()
+
+    return [c for c in configs if need(c) <= limit] or [min(configs, key=need)]
+
+
 # The counters are restored after each autotuning run, so the tuned launch counts from zero.
 @triton.autotune(configs=_configs(), key=["d_in", "d_sae"],
+                 prune_configs_by={"early_config_prune": _fits_in_shared_memory},
                  restore_value=["counts_ptr", "status_ptr"])
 @triton.jit
 def _gated_encode_kernel(x_ptr, w_ptr, c_ptr, b_gate_ptr, r_mag_ptr, b_mag_ptr,

@@ -64,9 +64,9 @@ def params64(p):
     return {k: v.double() for k, v in p.items()}
 
 
-def loss_and_grads_twice(backend, shape, device="cpu"):
-    """Two runs of the loss (decoder_norm, shared aux) and its backward on the same inputs:
-    [loss, grads...] per run, for determinism checks."""
+def loss_and_grads_twice(backend, shape, device="cpu", sparsity="decoder_norm"):
+    """Two runs of the loss (shared aux) and its backward on the same inputs: [loss, grads...]
+    per run, for determinism checks."""
     from gsae_fast import ops
     B, d_in, d_sae = shape
     p, W_dec = make_params(d_in, d_sae, torch.float32, l0_frac=0.3, device=device)
@@ -75,7 +75,7 @@ def loss_and_grads_twice(backend, shape, device="cpu"):
     for _ in range(2):
         t = {k: v.clone().requires_grad_() for k, v in dict(p, W_dec=W_dec).items()}
         out = ops.gated_sae_loss(x, t["W_enc"], t["W_dec"], t["b_dec"], t["b_gate"], t["r_mag"],
-                                 t["b_mag"], 0.1, sparsity="decoder_norm", aux="shared",
+                                 t["b_mag"], 0.1, sparsity=sparsity, aux="shared",
                                  backend=backend)
         out.loss.backward()
         runs.append([out.loss.detach()] + [v.grad for v in t.values()])

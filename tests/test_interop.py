@@ -181,3 +181,16 @@ def test_dictionary_learning_checkpoint(dictlearn, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UnsupportedSAEError, match="'AutoEncoder'"):
         GatedSAE.load(tmp_path)
+
+
+def test_load_refuses_unknown_tensors(tmp_path):
+    from safetensors.torch import load_file, save_file
+    ours_with(params()).save_pretrained(tmp_path)
+    state = load_file(tmp_path / "sae_weights.safetensors")
+    save_file(dict(state, scaling_factor=torch.ones(D_SAE, dtype=torch.float64)),
+              tmp_path / "sae_weights.safetensors")
+    GatedSAE.load(tmp_path)  # a unit scaling factor changes nothing
+    save_file(dict(state, scaling_factor=torch.full((D_SAE,), 2.0, dtype=torch.float64)),
+              tmp_path / "sae_weights.safetensors")
+    with pytest.raises(UnsupportedSAEError, match="scaling_factor"):
+        GatedSAE.load(tmp_path)

@@ -65,7 +65,11 @@ def test_capacity_overflow_is_exact(backend):
         x, *p.values(), 5, backend)
     assert idx.shape == (40, 5)
     assert torch.equal(counts, full.counts) and status[0].item() == full.max_count
-    assert torch.equal(idx, full.idx[:, :5])
+    # Which 5 of a longer row are kept is unspecified (GPU tiles finish in any order; the
+    # wrapper re-runs anyway): they are 5 distinct active features of that row, sorted.
+    active = full.to_dense(values="pi_gate") > 0
+    assert active.gather(1, idx.long()).all()
+    assert (idx[:, 1:] > idx[:, :-1]).all()
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

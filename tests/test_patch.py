@@ -121,3 +121,34 @@ def test_dictionary_learning_patch_falls_back_for_normalize_decoder(patched_dl):
     f = ae.encode(x, normalize_decoder=True)
     norms = ae.decoder.weight.norm(dim=0, keepdim=True)
     assert_rel(f, ae.encode(x) * norms, TOL64, "normalize_decoder")
+
+
+def test_fallback_works_for_subclasses(patched_sae_lens):
+    """A subclass of a patched class falls back to the original method, not to itself."""
+    from sae_lens.saes.gated_sae import GatedSAE
+
+    class MySAE(GatedSAE):
+        pass
+
+    base = saelens_sae(patched_sae_lens, make_params(D_IN, D_SAE, seed=6), training=False)
+    sae = MySAE(base.cfg)
+    sae.load_state_dict(base.state_dict())
+    x = make_x((BATCH,), D_IN, seed=6)
+    plain = sae.encode(x)  # kernel path
+    sae.hook_sae_acts_post.add_hook(lambda t, hook: t * 3)
+    assert_rel(sae.encode(x), 3 * plain, TOL64, "hooked subclass encode")
+
+
+def test_dictionary_learning_patch_promotes_dtypes_like_torch(patched_dl, dictlearn):
+    """bf16 activations into an fp32 autoencoder: the original promotes, so does the patch."""
+    ae = load_dl_params(dictlearn.GatedAutoEncoder(D_IN, D_SAE),
+                        {k: v.float() for k, v in make_params(D_IN, D_SAE, seed=8).items()})
+    x = make_x((BATCH,), D_IN, seed=8, dtype=torch.bfloat16)
+    patched = ae(x)
+    gsae_fast.unpatch_dictionary_learning()
+    try:
+        original = ae(x)
+    finally:
+        gsae_fast.patch_dictionary_learning()
+    assert patched.dtype == original.dtype == torch.float32
+    assert_rel(patched, original, 1e-5, "bf16 input, fp32 autoencoder")

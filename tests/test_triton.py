@@ -74,7 +74,8 @@ def test_deterministic_mode_forces_grouped_scatter(scatter):
 
 
 def test_grouped_backward_is_bitwise_reproducible():
-    runs = loss_and_grads_twice("triton", (40, 24, 100), device=DEVICE)
+    # "unit": decoder_norm's per-feature sum is torch's index_add, atomic on CUDA
+    runs = loss_and_grads_twice("triton", (40, 24, 100), device=DEVICE, sparsity="unit")
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
@@ -148,7 +149,7 @@ def test_gpu_loss_and_grads_at_real_sizes(scatter, mode, dtype):
 
 def test_kernels_compile_for_hopper_and_ampere():
     """Every kernel and autotune configuration goes through the real Triton compiler (to PTX and
-    cubin, ahead of time: no GPU needed) for sm_90 and sm_80 in fp32 and bf16."""
+    cubin, ahead of time: no GPU needed) for sm_90 and sm_80 in fp32, bf16 and fp16."""
     import os
     import subprocess
     import sys
@@ -157,10 +158,11 @@ def test_kernels_compile_for_hopper_and_ampere():
     res = subprocess.run([sys.executable, script, "--arch", "90", "--arch", "80"], env=env,
                          capture_output=True, text=True, timeout=1200)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
-    assert res.stdout.count("ok ") >= 2 * 2 * 20  # archs x dtypes x kernel configurations
+    assert res.stdout.count("ok ") >= 2 * 3 * 20  # archs x dtypes x kernel configurations
 
 
-@pytest.mark.parametrize("n,m,transposed", [(0, 5, False), (7, 13, False), (3000, 5, True),
+@pytest.mark.parametrize("n,m,transposed", [(0, 5, False), (6, 0, False), (7, 13, False),
+                                            (3000, 5, True),
                                             (300, 200, False)])
 def test_vec_mat_matches_torch(n, m, transposed):
     """The GEMV behind b_dec @ W_enc and W_enc @ grad: split reductions, any strides."""

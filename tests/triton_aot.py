@@ -44,7 +44,7 @@ def cases(dt: str):
            dict(ACC=acc), [(dict(BI=32, BJ=128), 4, 3)])
     for has_w in (True, False):
         yield (f"grouped_scatter(HAS_W={has_w})", common._grouped_scatter_kernel,
-               dict(ptr_ptr="*i32", feats_ptr="*i32", rows_ptr="*i64", w_ptr="*fp32",
+               dict(ptr_ptr="*i64", feats_ptr="*i32", rows_ptr="*i64", w_ptr="*fp32",
                     src_ptr=f"*{dt}", sub_ptr=f"*{dt}", out_ptr=f"*{dt}", d_sae="i32",
                     n_cols="i32", src_stride="i32", out_stride_f="i32", out_stride_c="i32"),
                dict(HAS_W=has_w, HAS_SUB=has_w, ACC=acc, PRECISION=prec),
@@ -89,7 +89,7 @@ def main():
     args = ap.parse_args()
     failures = 0
     for arch in args.arch or [90]:
-        for dt in args.dtype or ["fp32", "bf16"]:
+        for dt in args.dtype or ["fp32", "bf16", "fp16"]:
             for name, fn, types, consts, confs in cases(dt):
                 for meta, warps, stages in confs:
                     t0 = time.time()
