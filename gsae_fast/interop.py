@@ -1,5 +1,5 @@
-"""Converters and checkpoints between :class:`gsae_fast.GatedSAE` and the two public Gated SAE
-implementations, SAELens and dictionary_learning.
+"""Converters and checkpoints between gsae_fast's SAEs (:class:`gsae_fast.GatedSAE`,
+:class:`gsae_fast.JumpReLUSAE`) and SAELens and dictionary_learning (table ``ARCHS``).
 
 - SAELens (``sae_lens.saes.gated_sae.GatedSAE`` / ``GatedTrainingSAE``): the same parameter names
   and layouts. On disk: ``cfg.json`` + ``sae_weights.safetensors`` (``SAE.save_model`` /
@@ -21,20 +21,42 @@ The SAELens libraries are imported only by the functions that build their object
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
+from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
 from torch import nn
 
-PARAMS = ("W_enc", "W_dec", "b_dec", "b_gate", "r_mag", "b_mag")
 SAE_LENS_CFG, SAE_LENS_WEIGHTS = "cfg.json", "sae_weights.safetensors"
 DL_CFG, DL_WEIGHTS = "config.json", "ae.pt"
-# dictionary_learning state-dict key -> (our name, transposed)
-DL_KEYS = {"encoder.weight": ("W_enc", True), "decoder.weight": ("W_dec", True),
-           "decoder_bias": ("b_dec", False), "gate_bias": ("b_gate", False),
-           "r_mag": ("r_mag", False), "mag_bias": ("b_mag", False)}
+
+
+@dataclass(frozen=True)
+class Arch:
+    """One SAE architecture as each library names it."""
+    name: str          # SAELens "architecture"
+    module: str        # class in gsae_fast.modules
+    params: tuple      # our parameter names (SAELens' too)
+    sae_lens: tuple    # SAELens module, inference class, its config, training class, its config
+    dl_class: str      # dictionary_learning class (dictionary_learning.dictionary)
+    dl_keys: dict      # dictionary_learning state-dict key -> (our name, transposed)
+
+
+ARCHS = {
+    "gated": Arch("gated", "GatedSAE", ("W_enc", "W_dec", "b_dec", "b_gate", "r_mag", "b_mag"),
+                  ("sae_lens.saes.gated_sae", "GatedSAE", "GatedSAEConfig", "GatedTrainingSAE",
+                   "GatedTrainingSAEConfig"), "GatedAutoEncoder",
+                  {"encoder.weight": ("W_enc", True), "decoder.weight": ("W_dec", True),
+                   "decoder_bias": ("b_dec", False), "gate_bias": ("b_gate", False),
+                   "r_mag": ("r_mag", False), "mag_bias": ("b_mag", False)}),
+    "jumprelu": Arch("jumprelu", "JumpReLUSAE", ("W_enc", "W_dec", "b_dec", "b_enc", "threshold"),
+                     ("sae_lens.saes.jumprelu_sae", "JumpReLUSAE", "JumpReLUSAEConfig",
+                      "JumpReLUTrainingSAE", "JumpReLUTrainingSAEConfig"), "JumpReluAutoEncoder",
+                     {k: (k, False) for k in ("W_enc", "W_dec", "b_dec", "b_enc", "threshold")}),
+}
 
 
 class UnsupportedSAEError(ValueError):
@@ -57,9 +79,9 @@ def _parse_dtype(name: Union[str, torch.dtype, None]) -> Optional[torch.dtype]:
 def check_sae_lens_cfg(cfg: dict) -> None:
     """Raise UnsupportedSAEError for SAELens settings gsae_fast does not implement."""
     arch = cfg.get("architecture", "gated")
-    if arch != "gated":
-        raise UnsupportedSAEError(f"SAELens architecture {arch!r}: gsae_fast.GatedSAE takes "
-                                  "'gated' SAEs only")
+    if arch not in ARCHS:
+        raise UnsupportedSAEError(f"SAELens architecture {arch!r}: gsae_fast implements "
+                                  f"{sorted(ARCHS)}")
     if not cfg.get("apply_b_dec_to_input", True):
         raise UnsupportedSAEError("SAELens apply_b_dec_to_input=False is not supported: "
                                   "gsae_fast's encoder always centres the input with b_dec")
@@ -81,19 +103,25 @@ def _sae_lens_cfg_dict(sae) -> dict:
     return cfg
 
 
-def _new_module(d_in: int, d_sae: int, params: dict, backend: str, metadata: Optional[dict]):
-    from .modules import GatedSAE
-    shapes = dict(W_enc=(d_in, d_sae), W_dec=(d_sae, d_in), b_dec=(d_in,), b_gate=(d_sae,),
-                  r_mag=(d_sae,), b_mag=(d_sae,))
-    for name, shape in shapes.items():
+def _shapes(name: str, d_in: int, d_sae: int) -> tuple:
+    return {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}.get(name, (d_sae,))
+
+
+def _new_module(arch: Arch, params: dict, backend: str, metadata: Optional[dict]):
+    from . import modules
+    d_in, d_sae = params["W_enc"].shape
+    for name in arch.params:
+        shape = _shapes(name, d_in, d_sae)
         if tuple(params[name].shape) != shape:
             raise UnsupportedSAEError(f"{name} has shape {list(params[name].shape)}, expected "
                                       f"{list(shape)} (d_in={d_in}, d_sae={d_sae})")
-    if len({params[n].dtype for n in PARAMS}) > 1 or len({params[n].device for n in PARAMS}) > 1:
+    # (a threshold may stay fp32 beside bf16 weights, as SAELens trains it; cast at use)
+    same = [n for n in arch.params if n != "threshold"]
+    if len({params[n].dtype for n in same}) > 1 or len({params[n].device for n in params}) > 1:
         raise UnsupportedSAEError("the parameters do not share one dtype and device: "
-                                  f"{ {n: (params[n].dtype, str(params[n].device)) for n in PARAMS} }")
-    sae = GatedSAE(d_in, d_sae, device="meta", decoder_init_norm=None)  # no wasted init
-    for name in PARAMS:
+                                  f"{ {n: (params[n].dtype, str(params[n].device)) for n in params} }")
+    sae = getattr(modules, arch.module)(d_in, d_sae, device="meta", decoder_init_norm=None)
+    for name in arch.params:
         p = params[name]
         setattr(sae, name, p if isinstance(p, nn.Parameter) else nn.Parameter(p))
     sae.backend = backend
@@ -104,40 +132,47 @@ def _new_module(d_in: int, d_sae: int, params: dict, backend: str, metadata: Opt
     return sae
 
 
-def from_sae_lens(sae, *, share: bool = False, backend: str = "auto"):
-    """A gsae_fast.GatedSAE from a SAELens ``GatedSAE`` / ``GatedTrainingSAE``."""
-    for name in PARAMS:
-        if not isinstance(getattr(sae, name, None), torch.Tensor):
-            raise TypeError(f"from_sae_lens: expected a SAELens Gated SAE (with {PARAMS}), got "
-                            f"{type(sae).__name__} without {name!r}")
+def _expect(arch: Arch, expected: Optional[str]) -> Arch:
+    if expected is not None and arch.name != expected:
+        raise UnsupportedSAEError(f"this is a {arch.name!r} SAE: load it with "
+                                  f"gsae_fast.{arch.module} (or gsae_fast.load)")
+    return arch
+
+
+def from_sae_lens(sae, *, share: bool = False, backend: str = "auto",
+                  expected: Optional[str] = None):
+    """A gsae_fast SAE (GatedSAE, JumpReLUSAE) from a SAELens one (inference or training)."""
+    if not hasattr(sae, "cfg") or not hasattr(sae.cfg, "architecture"):
+        raise TypeError(f"from_sae_lens: expected a SAELens SAE, got {type(sae).__name__}")
     cfg = _sae_lens_cfg_dict(sae)
     check_sae_lens_cfg(cfg)
+    arch = _expect(ARCHS[cfg["architecture"]], expected)
     if getattr(sae, "use_error_term", False):
         raise UnsupportedSAEError("SAELens use_error_term=True is not supported (its forward "
                                   "adds the reconstruction error back); set it to False")
-    params = {n: getattr(sae, n) if share else getattr(sae, n).detach().clone() for n in PARAMS}
-    d_in, d_sae = params["W_enc"].shape
-    return _new_module(d_in, d_sae, params, backend, cfg.get("metadata"))
+    params = {n: getattr(sae, n) if share else getattr(sae, n).detach().clone()
+              for n in arch.params}
+    return _new_module(arch, params, backend, cfg.get("metadata"))
 
 
 def sae_lens_cfg(gsae, **overrides) -> dict:
-    """The SAELens config dict (``cfg.json``) of a gsae_fast.GatedSAE."""
+    """The SAELens config dict (``cfg.json``) of a gsae_fast SAE."""
     cfg = dict(d_in=gsae.d_in, d_sae=gsae.d_sae, dtype=_dtype_name(gsae.W_enc.dtype),
                device=str(gsae.W_enc.device), apply_b_dec_to_input=True,
                normalize_activations="none", reshape_activations="none",
                metadata=dict(getattr(gsae, "sae_lens_metadata", None) or {}),
-               architecture="gated")
+               architecture=gsae.ARCH)
     cfg.update(overrides)
     return cfg
 
 
 def to_sae_lens(gsae, *, training: bool = False, share: bool = False, **cfg_overrides):
-    """A SAELens ``GatedSAE`` (or ``GatedTrainingSAE`` with ``training=True``; config fields such
-    as ``l1_coefficient`` go in ``cfg_overrides``) with this module's parameters."""
-    from sae_lens.saes.gated_sae import (GatedSAE, GatedSAEConfig, GatedTrainingSAE,
-                                         GatedTrainingSAEConfig)
-    cls, cfg_cls = (GatedTrainingSAE, GatedTrainingSAEConfig) if training else (GatedSAE,
-                                                                                GatedSAEConfig)
+    """The SAELens SAE (the training class with ``training=True``; config fields such as
+    ``l1_coefficient`` go in ``cfg_overrides``) with this module's parameters."""
+    arch = ARCHS[gsae.ARCH]
+    mod = importlib.import_module(arch.sae_lens[0])
+    cls, cfg_cls = (getattr(mod, n) for n in (arch.sae_lens[3:5] if training else
+                                              arch.sae_lens[1:3]))
     cfg = sae_lens_cfg(gsae, **cfg_overrides)
     check_sae_lens_cfg(cfg)
     metadata = cfg.pop("metadata")
@@ -146,7 +181,7 @@ def to_sae_lens(gsae, *, training: bool = False, share: bool = False, **cfg_over
     for k, v in metadata.items():
         out.cfg.metadata[k] = v
     with torch.no_grad():
-        for name in PARAMS:
+        for name in arch.params:
             if share:
                 setattr(out, name, getattr(gsae, name))
             else:
@@ -154,27 +189,53 @@ def to_sae_lens(gsae, *, training: bool = False, share: bool = False, **cfg_over
     return out
 
 
-def from_dictionary_learning(ae, *, share: bool = False, backend: str = "auto"):
-    """A gsae_fast.GatedSAE from a dictionary_learning ``GatedAutoEncoder`` (or its state dict)."""
-    state = ae if isinstance(ae, dict) else dict(ae.named_parameters())
-    missing = [k for k in DL_KEYS if k not in state]
-    if missing:
-        raise TypeError(f"from_dictionary_learning: expected a GatedAutoEncoder, missing {missing}")
+def _dl_arch(names) -> Arch:
+    for arch in ARCHS.values():
+        if all(k in names for k in arch.dl_keys):
+            return arch
+    raise TypeError("expected a dictionary_learning GatedAutoEncoder or JumpReluAutoEncoder (or "
+                    f"its state dict); got parameters {sorted(names)}")
+
+
+def from_dictionary_learning(ae, *, share: bool = False, backend: str = "auto",
+                             expected: Optional[str] = None):
+    """A gsae_fast SAE from a dictionary_learning ``GatedAutoEncoder`` / ``JumpReluAutoEncoder``
+    (or its state dict).
+
+    dictionary_learning's JumpReLU encoder does not centre its input by default
+    (``apply_b_dec_to_input = False``, also what its ``ae.pt`` files were trained with); gsae_fast's
+    always does, so the centring is folded into the bias: ``b_enc + b_dec @ W_enc`` (the same
+    activations; not shareable, so ``share=True`` is refused there).
+    """
+    is_state = isinstance(ae, dict)
+    state = ae if is_state else dict(ae.named_parameters())
+    arch = _expect(_dl_arch(state), expected)
+    default_centred = arch.name == "gated"  # GatedAutoEncoder always centres
+    centred = default_centred if is_state else getattr(ae, "apply_b_dec_to_input", default_centred)
+    if not centred and share:
+        raise UnsupportedSAEError("share=True needs apply_b_dec_to_input=True: the encoder bias "
+                                  "is folded (b_enc + b_dec @ W_enc), so it cannot be shared")
     params = {}
-    for key, (name, transposed) in DL_KEYS.items():
+    for key, (name, transposed) in arch.dl_keys.items():
         t = state[key].detach()
         t = t.t() if transposed else t
         params[name] = t if share else t.clone().contiguous()
-    d_in, d_sae = params["W_enc"].shape
-    return _new_module(d_in, d_sae, params, backend, None)
+    if not centred:
+        W, b = params["W_enc"], params["b_dec"]
+        params["b_enc"] = (params["b_enc"].double() + b.double() @ W.double()).to(W.dtype)
+    return _new_module(arch, params, backend, None)
 
 
 def to_dictionary_learning(gsae, *, share: bool = False):
-    """A dictionary_learning ``GatedAutoEncoder`` with this module's parameters."""
-    from dictionary_learning.dictionary import GatedAutoEncoder
-    ae = GatedAutoEncoder(gsae.d_in, gsae.d_sae, initialization=lambda m: None,
-                          device=gsae.W_enc.device).to(gsae.W_enc.dtype)
-    for key, (name, transposed) in DL_KEYS.items():
+    """The dictionary_learning autoencoder with this module's parameters."""
+    from dictionary_learning import dictionary
+    arch = ARCHS[gsae.ARCH]
+    cls = getattr(dictionary, arch.dl_class)
+    kw = dict(initialization=lambda m: None) if arch.name == "gated" else {}
+    ae = cls(gsae.d_in, gsae.d_sae, device=gsae.W_enc.device, **kw).to(gsae.W_enc.dtype)
+    if hasattr(ae, "apply_b_dec_to_input"):
+        ae.apply_b_dec_to_input = True  # gsae_fast's encoders centre their input
+    for key, (name, transposed) in arch.dl_keys.items():
         t = getattr(gsae, name).detach()
         t = t.t() if transposed else t
         parent, _, attr = key.rpartition(".")
@@ -197,15 +258,16 @@ def save_pretrained(gsae, path: Union[str, os.PathLike]) -> None:
     ``sae_lens.SAE.load_from_disk(path)`` and :func:`load`)."""
     save_file = _safetensors().save_file
     os.makedirs(path, exist_ok=True)
-    save_file({n: getattr(gsae, n).detach().contiguous() for n in PARAMS},
+    save_file({n: getattr(gsae, n).detach().contiguous() for n in ARCHS[gsae.ARCH].params},
               os.path.join(path, SAE_LENS_WEIGHTS))
     with open(os.path.join(path, SAE_LENS_CFG), "w") as f:
         json.dump(sae_lens_cfg(gsae), f, indent=1)
 
 
 def load(path: Union[str, os.PathLike], *, device: Union[str, torch.device] = "cpu",
-         dtype: Union[str, torch.dtype, None] = None, backend: str = "auto"):
-    """A gsae_fast.GatedSAE from a SAELens checkpoint folder (``cfg.json`` +
+         dtype: Union[str, torch.dtype, None] = None, backend: str = "auto",
+         expected: Optional[str] = None):
+    """A gsae_fast SAE from a SAELens checkpoint folder (``cfg.json`` +
     ``sae_weights.safetensors``) or a dictionary_learning one (``ae.pt`` [+ ``config.json``]).
     ``dtype`` defaults to the checkpoint's."""
     path = os.fspath(path)
@@ -217,11 +279,14 @@ def load(path: Union[str, os.PathLike], *, device: Union[str, torch.device] = "c
         with open(cfg_path) as f:
             cfg = json.load(f)
         check_sae_lens_cfg(cfg)
+        arch = _expect(ARCHS[cfg.get("architecture", "gated")], expected)
         state = load_file(os.path.join(path, SAE_LENS_WEIGHTS), device=str(device))
-        missing = [n for n in PARAMS if n not in state]
+        if arch.name == "jumprelu" and "log_threshold" in state and "threshold" not in state:
+            state["threshold"] = state.pop("log_threshold").exp()  # older SAELens checkpoints
+        missing = [n for n in arch.params if n not in state]
         if missing:
             raise UnsupportedSAEError(f"{path}: {SAE_LENS_WEIGHTS} lacks {missing}")
-        extra = [k for k in state if k not in PARAMS and not (
+        extra = [k for k in state if k not in arch.params and not (
             k == "scaling_factor" and bool((state[k] == 1).all()))]  # legacy, 1 = no scaling
         if extra:
             raise UnsupportedSAEError(f"{path}: {SAE_LENS_WEIGHTS} has tensors gsae_fast does not "
@@ -230,24 +295,21 @@ def load(path: Union[str, os.PathLike], *, device: Union[str, torch.device] = "c
         metadata = cfg.get("metadata")
     elif os.path.exists(os.path.join(path, DL_WEIGHTS)):
         cfg_path = os.path.join(path, DL_CFG)
+        raw = torch.load(os.path.join(path, DL_WEIGHTS), map_location=device, weights_only=True)
         if os.path.exists(cfg_path):
             with open(cfg_path) as f:
-                cls = json.load(f).get("trainer", {}).get("dict_class", "GatedAutoEncoder")
-            if cls != "GatedAutoEncoder":
+                cls = json.load(f).get("trainer", {}).get("dict_class")
+            known = {a.dl_class: a for a in ARCHS.values()}
+            if cls is not None and cls not in known:
                 raise UnsupportedSAEError(f"{path}: dictionary_learning dict_class {cls!r}; "
-                                          "gsae_fast.GatedSAE takes GatedAutoEncoder only")
-        raw = torch.load(os.path.join(path, DL_WEIGHTS), map_location=device, weights_only=True)
-        missing = [k for k in DL_KEYS if k not in raw]
-        if missing:
-            raise UnsupportedSAEError(f"{path}: {DL_WEIGHTS} is not a GatedAutoEncoder state "
-                                      f"dict (missing {missing})")
-        state = {name: (raw[k].t() if tr else raw[k]).contiguous()
-                 for k, (name, tr) in DL_KEYS.items()}
-        dtype = _parse_dtype(dtype)
-        metadata = None
+                                          f"gsae_fast implements {sorted(known)}")
+        try:
+            sae = from_dictionary_learning(raw, backend=backend, expected=expected)
+        except TypeError as e:
+            raise UnsupportedSAEError(f"{path}: {DL_WEIGHTS}: {e}") from None
+        return sae if dtype is None else sae.to(_parse_dtype(dtype))
     else:
         raise FileNotFoundError(f"{path}: no SAELens ({SAE_LENS_CFG} + {SAE_LENS_WEIGHTS}) or "
                                 f"dictionary_learning ({DL_WEIGHTS}) checkpoint there")
-    params = {n: state[n].to(dtype=dtype) if dtype else state[n] for n in PARAMS}
-    d_in, d_sae = params["W_enc"].shape
-    return _new_module(d_in, d_sae, params, backend, metadata)
+    params = {n: state[n].to(dtype=dtype) if dtype else state[n] for n in arch.params}
+    return _new_module(arch, params, backend, metadata)

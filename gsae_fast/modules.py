@@ -6,28 +6,19 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
-from . import backends, interop, ops, reference
+from . import backends, interop, jumprelu, ops, reference
 from .types import GatedLoss, SparseActs
 
 
-class GatedSAE(nn.Module):
-    """Gated Sparse Autoencoder (Rajamanoharan et al. 2024) with weight sharing.
+class _SparseSAE(nn.Module):
+    """What the SAE modules share: the decoder, SAELens' initialisation, the backend choice,
+    the capacity hint (the largest row count seen, so the next sparse encode rarely re-runs) and
+    the converters and checkpoints."""
 
-    Parameters, SAELens' names, shapes and initialisation: ``W_enc [d_in, d_sae]``,
-    ``W_dec [d_sae, d_in]`` (Kaiming-uniform rows scaled to norm ``decoder_init_norm``),
-    ``W_enc = W_dec.T`` at init, ``b_dec``, ``b_gate``, ``r_mag``, ``b_mag`` zeros.
+    ARCH = ""  # SAELens' architecture name (gsae_fast.interop.ARCHS)
 
-    ``backend`` picks the executor: ``"auto"`` (the fastest built one for the input's device),
-    ``"reference"`` (dense PyTorch), ``"cpu"`` (C++ kernels), ``"cuda"``, ``"triton"``. A backend
-    that is not built, or does not run on the input's device, raises a RuntimeError saying why.
-
-    The module remembers the largest row count it has seen and sizes the next sparse encode from
-    it, so a training loop almost never pays for a capacity overflow.
-    """
-
-    def __init__(self, d_in: int, d_sae: int, *, dtype: Optional[torch.dtype] = None,
-                 device: Optional[Union[torch.device, str]] = None, backend: str = "auto",
-                 decoder_init_norm: Optional[float] = 0.1):
+    def __init__(self, d_in: int, d_sae: int, *, dtype, device, backend: str,
+                 decoder_init_norm: Optional[float]):
         super().__init__()
         if d_in <= 0 or d_sae <= 0:
             raise ValueError(f"d_in and d_sae must be positive, got {d_in}, {d_sae}")
@@ -47,9 +38,6 @@ class GatedSAE(nn.Module):
         self.W_dec = nn.Parameter(W_dec)
         self.W_enc = nn.Parameter(W_dec.T.clone().contiguous())
         self.b_dec = nn.Parameter(torch.zeros(d_in, **kw))
-        self.b_gate = nn.Parameter(torch.zeros(d_sae, **kw))
-        self.r_mag = nn.Parameter(torch.zeros(d_sae, **kw))
-        self.b_mag = nn.Parameter(torch.zeros(d_sae, **kw))
         self._capacity: Optional[int] = None
         # SAELens metadata of a converted/loaded SAE, written back by save_pretrained.
         self.sae_lens_metadata: Optional[dict] = None
@@ -57,28 +45,12 @@ class GatedSAE(nn.Module):
     def extra_repr(self) -> str:
         return f"d_in={self.d_in}, d_sae={self.d_sae}, backend={self.backend!r}"
 
-    def _encoder_params(self) -> tuple[Tensor, ...]:
-        return self.W_enc, self.b_dec, self.b_gate, self.r_mag, self.b_mag
-
     def _backend_for(self, x: Tensor) -> str:
         return backends.resolve(self.backend, x.device)
 
     def _remember(self, max_count: Optional[int]) -> None:
         if max_count is not None:
             self._capacity = ops.next_capacity(max_count, self.d_sae)
-
-    def encode_sparse(self, x: Tensor) -> SparseActs:
-        """Active features of ``x [..., d_in]`` in the sparse format (any backend)."""
-        acts = ops.gated_encode(x, *self._encoder_params(), capacity=self._capacity,
-                                backend=self._backend_for(x))
-        self._remember(acts.max_count)
-        return acts
-
-    def encode(self, x: Tensor) -> Tensor:
-        """Dense feature activations ``[..., d_sae]`` (SAELens ``encode`` semantics)."""
-        if self._backend_for(x) == "reference":
-            return reference.encode(x, *self._encoder_params())
-        return self.encode_sparse(x).to_dense(dtype=x.dtype)
 
     def decode(self, acts: Union[SparseActs, Tensor]) -> Tensor:
         """``acts @ W_dec + b_dec`` for dense ``[..., d_sae]`` or sparse activations."""
@@ -96,6 +68,82 @@ class GatedSAE(nn.Module):
             return reference.decode(self.encode(x), self.W_dec, self.b_dec)
         return self.decode(self.encode_sparse(x))
 
+
+    # -- interop (gsae_fast.interop has the details and the refused settings) --------------
+
+    @classmethod
+    def from_sae_lens(cls, sae, *, share: bool = False, backend: str = "auto"):
+        """From the SAELens SAE of this architecture (inference or training class; ``share``:
+        the same Parameters)."""
+        return interop.from_sae_lens(sae, share=share, backend=backend, expected=cls.ARCH)
+
+    def to_sae_lens(self, *, training: bool = False, share: bool = False, **cfg_overrides):
+        """The SAELens SAE of this architecture (its training class with ``training=True``)."""
+        return interop.to_sae_lens(self, training=training, share=share, **cfg_overrides)
+
+    @classmethod
+    def from_dictionary_learning(cls, ae, *, share: bool = False, backend: str = "auto"):
+        """From the dictionary_learning autoencoder of this architecture (or its state dict)."""
+        return interop.from_dictionary_learning(ae, share=share, backend=backend,
+                                                expected=cls.ARCH)
+
+    def to_dictionary_learning(self, *, share: bool = False):
+        """The dictionary_learning autoencoder of this architecture."""
+        return interop.to_dictionary_learning(self, share=share)
+
+    def save_pretrained(self, path) -> None:
+        """Save in SAELens' format (``cfg.json`` + ``sae_weights.safetensors``)."""
+        interop.save_pretrained(self, path)
+
+    @classmethod
+    def load(cls, path, *, device="cpu", dtype=None, backend: str = "auto"):
+        """Load a SAELens checkpoint folder or a dictionary_learning one (``ae.pt``)."""
+        return interop.load(path, device=device, dtype=dtype, backend=backend, expected=cls.ARCH)
+
+
+class GatedSAE(_SparseSAE):
+    """Gated Sparse Autoencoder (Rajamanoharan et al. 2024) with weight sharing.
+
+    Parameters, SAELens' names, shapes and initialisation: ``W_enc [d_in, d_sae]``,
+    ``W_dec [d_sae, d_in]`` (Kaiming-uniform rows scaled to norm ``decoder_init_norm``),
+    ``W_enc = W_dec.T`` at init, ``b_dec``, ``b_gate``, ``r_mag``, ``b_mag`` zeros.
+
+    ``backend`` picks the executor: ``"auto"`` (the fastest built one for the input's device),
+    ``"reference"`` (dense PyTorch), ``"cpu"`` (C++ kernels), ``"cuda"``, ``"triton"``. A backend
+    that is not built, or does not run on the input's device, raises a RuntimeError saying why.
+
+    The module remembers the largest row count it has seen and sizes the next sparse encode from
+    it, so a training loop almost never pays for a capacity overflow.
+    """
+
+    ARCH = "gated"
+
+    def __init__(self, d_in: int, d_sae: int, *, dtype: Optional[torch.dtype] = None,
+                 device: Optional[Union[torch.device, str]] = None, backend: str = "auto",
+                 decoder_init_norm: Optional[float] = 0.1):
+        super().__init__(d_in, d_sae, dtype=dtype, device=device, backend=backend,
+                         decoder_init_norm=decoder_init_norm)
+        kw = dict(dtype=dtype, device=device)
+        self.b_gate = nn.Parameter(torch.zeros(d_sae, **kw))
+        self.r_mag = nn.Parameter(torch.zeros(d_sae, **kw))
+        self.b_mag = nn.Parameter(torch.zeros(d_sae, **kw))
+
+    def _encoder_params(self) -> tuple[Tensor, ...]:
+        return self.W_enc, self.b_dec, self.b_gate, self.r_mag, self.b_mag
+
+    def encode_sparse(self, x: Tensor) -> SparseActs:
+        """Active features of ``x [..., d_in]`` in the sparse format (any backend)."""
+        acts = ops.gated_encode(x, *self._encoder_params(), capacity=self._capacity,
+                                backend=self._backend_for(x))
+        self._remember(acts.max_count)
+        return acts
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Dense feature activations ``[..., d_sae]`` (SAELens ``encode`` semantics)."""
+        if self._backend_for(x) == "reference":
+            return reference.encode(x, *self._encoder_params())
+        return self.encode_sparse(x).to_dense(dtype=x.dtype)
+
     def loss(self, x: Tensor, l1_coefficient: float, *, sparsity: str = "unit",
              aux: str = "frozen") -> GatedLoss:
         """The Gated SAE training loss of a batch (see gsae_fast.reference for the options).
@@ -110,32 +158,79 @@ class GatedSAE(nn.Module):
         self._remember(out.max_count)
         return out
 
-    # -- interop (gsae_fast.interop has the details and the refused settings) --------------
+    def to_jumprelu(self) -> "JumpReLUSAE":
+        """The JumpReLU SAE computing the same activations (the paper's equivalence):
+        ``W_enc' = W_enc * exp(r_mag)``, ``b_enc = b_mag``, ``threshold = b_mag - exp(r_mag) b_gate``."""
+        with torch.no_grad():
+            scale = torch.exp(self.r_mag)
+            out = JumpReLUSAE(self.d_in, self.d_sae, device="meta", decoder_init_norm=None,
+                              backend=self.backend)
+            out.W_enc = nn.Parameter(self.W_enc * scale)
+            out.W_dec = nn.Parameter(self.W_dec.clone())
+            out.b_dec = nn.Parameter(self.b_dec.clone())
+            out.b_enc = nn.Parameter(self.b_mag.clone())
+            out.threshold = nn.Parameter(self.b_mag - scale * self.b_gate)
+        return out
 
-    @classmethod
-    def from_sae_lens(cls, sae, *, share: bool = False, backend: str = "auto") -> "GatedSAE":
-        """From a SAELens ``GatedSAE`` / ``GatedTrainingSAE`` (``share``: same Parameters)."""
-        return interop.from_sae_lens(sae, share=share, backend=backend)
 
-    def to_sae_lens(self, *, training: bool = False, share: bool = False, **cfg_overrides):
-        """A SAELens ``GatedSAE`` (``GatedTrainingSAE`` with ``training=True``)."""
-        return interop.to_sae_lens(self, training=training, share=share, **cfg_overrides)
+class JumpReLUSAE(_SparseSAE):
+    """JumpReLU SAE (Rajamanoharan et al. 2024b) on the Gated kernels (gsae_fast.jumprelu):
+    ``f = relu(pre) * 1[pre > threshold]``, ``pre = (x - b_dec) @ W_enc + b_enc``.
 
-    @classmethod
-    def from_dictionary_learning(cls, ae, *, share: bool = False,
-                                 backend: str = "auto") -> "GatedSAE":
-        """From a dictionary_learning ``GatedAutoEncoder`` or its state dict."""
-        return interop.from_dictionary_learning(ae, share=share, backend=backend)
+    SAELens' parameter names and shapes (``W_enc, W_dec, b_enc, b_dec, threshold``); training as
+    SAELens' ``JumpReLUTrainingSAE`` (:meth:`loss`).
+    """
 
-    def to_dictionary_learning(self, *, share: bool = False):
-        """A dictionary_learning ``GatedAutoEncoder``."""
-        return interop.to_dictionary_learning(self, share=share)
+    ARCH = "jumprelu"
 
-    def save_pretrained(self, path) -> None:
-        """Save in SAELens' format (``cfg.json`` + ``sae_weights.safetensors``)."""
-        interop.save_pretrained(self, path)
+    def __init__(self, d_in: int, d_sae: int, *, dtype: Optional[torch.dtype] = None,
+                 device: Optional[Union[torch.device, str]] = None, backend: str = "auto",
+                 decoder_init_norm: Optional[float] = 0.1, init_threshold: float = 0.01):
+        super().__init__(d_in, d_sae, dtype=dtype, device=device, backend=backend,
+                         decoder_init_norm=decoder_init_norm)
+        self.b_enc = nn.Parameter(torch.zeros(d_sae, dtype=dtype, device=device))
+        self.threshold = nn.Parameter(torch.full((d_sae,), init_threshold, dtype=dtype,
+                                                 device=device))
 
-    @classmethod
-    def load(cls, path, *, device="cpu", dtype=None, backend: str = "auto") -> "GatedSAE":
-        """Load a SAELens checkpoint folder or a dictionary_learning one (``ae.pt``)."""
-        return interop.load(path, device=device, dtype=dtype, backend=backend)
+    def _encoder_params(self) -> tuple[Tensor, ...]:
+        return jumprelu.as_gated(self.W_enc, self.b_dec, self.b_enc,
+                                 self.threshold.to(self.b_enc.dtype))
+
+    def encode_sparse(self, x: Tensor) -> SparseActs:
+        """Active features in the sparse format (``pi_gate`` holds ``pre - threshold``)."""
+        acts = ops.gated_encode(x, *self._encoder_params(), capacity=self._capacity,
+                                backend=self._backend_for(x))
+        self._remember(acts.max_count)
+        return acts
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Dense feature activations ``[..., d_sae]`` (SAELens ``JumpReLUSAE.encode``)."""
+        if self._backend_for(x) == "reference":
+            return jumprelu.encode_dense(x, self.W_enc, self.b_dec, self.b_enc,
+                                         self.threshold.to(x.dtype))
+        return self.encode_sparse(x).to_dense(dtype=x.dtype)
+
+    def loss(self, x: Tensor, l0_coefficient: float, **options) -> "jumprelu.JumpReLULoss":
+        """SAELens' JumpReLU training loss (options of gsae_fast.jumprelu.jumprelu_sae_loss:
+        bandwidth, sparsity_mode, tanh_scale, target_l0, ste_to_input,
+        pre_act_loss_coefficient, dead_neuron_mask). Clamps the threshold at 0 first, in place,
+        as SAELens does."""
+        with torch.no_grad():
+            self.threshold.clamp_(min=0.0)
+        out = jumprelu.jumprelu_sae_loss(
+            x, self.W_enc, self.W_dec, self.b_dec, self.b_enc, self.threshold.to(self.b_enc.dtype),
+            l0_coefficient, backend=self._backend_for(x), capacity=self._capacity, **options)
+        self._remember(out.max_count)
+        return out
+
+    def to_gated(self) -> GatedSAE:
+        """The Gated SAE computing the same activations (r_mag = 0, b_mag = b_enc,
+        b_gate = b_enc - threshold)."""
+        with torch.no_grad():
+            out = GatedSAE(self.d_in, self.d_sae, device="meta", decoder_init_norm=None,
+                           backend=self.backend)
+            for name, value in zip(("W_enc", "b_dec", "b_gate", "r_mag", "b_mag"),
+                                   self._encoder_params()):
+                setattr(out, name, nn.Parameter(value.clone()))
+            out.W_dec = nn.Parameter(self.W_dec.clone())
+        return out
