@@ -31,18 +31,6 @@ def as_gated(W_enc, b_dec, b_enc, threshold, band: float = 0.0):
     return (W_enc, b_dec, b_enc - threshold + band, torch.zeros_like(b_enc), b_enc)
 
 
-def encode(x, W_enc, b_dec, b_enc, threshold, *, capacity=None, backend="auto") -> SparseActs:
-    """Sparse JumpReLU activations (``pi_gate`` holds ``pre - threshold``)."""
-    return ops.gated_encode(x, *as_gated(W_enc, b_dec, b_enc, threshold), capacity=capacity,
-                            backend=backend)
-
-
-def encode_dense(x, W_enc, b_dec, b_enc, threshold) -> Tensor:
-    """Dense reference: SAELens ``JumpReLUSAE.encode``."""
-    pre = (x - b_dec) @ W_enc + b_enc
-    return torch.relu(pre) * (pre > threshold).to(pre.dtype)
-
-
 def _rectangle(u: Tensor) -> Tensor:
     return ((u > -0.5) & (u < 0.5)).to(u)
 

@@ -52,6 +52,23 @@ class _SparseSAE(nn.Module):
         if max_count is not None:
             self._capacity = ops.next_capacity(max_count, self.d_sae)
 
+    def _encoder_params(self) -> tuple[Tensor, ...]:
+        """The encoder as Gated SAE parameters (W_enc, b_dec, b_gate, r_mag, b_mag)."""
+        raise NotImplementedError
+
+    def encode_sparse(self, x: Tensor) -> SparseActs:
+        """Active features of ``x [..., d_in]`` in the sparse format (any backend)."""
+        acts = ops.gated_encode(x, *self._encoder_params(), capacity=self._capacity,
+                                backend=self._backend_for(x))
+        self._remember(acts.max_count)
+        return acts
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Dense feature activations ``[..., d_sae]`` (SAELens ``encode`` semantics)."""
+        if self._backend_for(x) == "reference":
+            return reference.encode(x, *self._encoder_params())
+        return self.encode_sparse(x).to_dense(dtype=x.dtype)
+
     def decode(self, acts: Union[SparseActs, Tensor]) -> Tensor:
         """``acts @ W_dec + b_dec`` for dense ``[..., d_sae]`` or sparse activations."""
         if isinstance(acts, SparseActs):
@@ -131,18 +148,6 @@ class GatedSAE(_SparseSAE):
     def _encoder_params(self) -> tuple[Tensor, ...]:
         return self.W_enc, self.b_dec, self.b_gate, self.r_mag, self.b_mag
 
-    def encode_sparse(self, x: Tensor) -> SparseActs:
-        """Active features of ``x [..., d_in]`` in the sparse format (any backend)."""
-        acts = ops.gated_encode(x, *self._encoder_params(), capacity=self._capacity,
-                                backend=self._backend_for(x))
-        self._remember(acts.max_count)
-        return acts
-
-    def encode(self, x: Tensor) -> Tensor:
-        """Dense feature activations ``[..., d_sae]`` (SAELens ``encode`` semantics)."""
-        if self._backend_for(x) == "reference":
-            return reference.encode(x, *self._encoder_params())
-        return self.encode_sparse(x).to_dense(dtype=x.dtype)
 
     def loss(self, x: Tensor, l1_coefficient: float, *, sparsity: str = "unit",
              aux: str = "frozen") -> GatedLoss:
@@ -195,20 +200,6 @@ class JumpReLUSAE(_SparseSAE):
     def _encoder_params(self) -> tuple[Tensor, ...]:
         return jumprelu.as_gated(self.W_enc, self.b_dec, self.b_enc,
                                  self.threshold.to(self.b_enc.dtype))
-
-    def encode_sparse(self, x: Tensor) -> SparseActs:
-        """Active features in the sparse format (``pi_gate`` holds ``pre - threshold``)."""
-        acts = ops.gated_encode(x, *self._encoder_params(), capacity=self._capacity,
-                                backend=self._backend_for(x))
-        self._remember(acts.max_count)
-        return acts
-
-    def encode(self, x: Tensor) -> Tensor:
-        """Dense feature activations ``[..., d_sae]`` (SAELens ``JumpReLUSAE.encode``)."""
-        if self._backend_for(x) == "reference":
-            return jumprelu.encode_dense(x, self.W_enc, self.b_dec, self.b_enc,
-                                         self.threshold.to(x.dtype))
-        return self.encode_sparse(x).to_dense(dtype=x.dtype)
 
     def loss(self, x: Tensor, l0_coefficient: float, **options) -> "jumprelu.JumpReLULoss":
         """SAELens' JumpReLU training loss (options of gsae_fast.jumprelu.jumprelu_sae_loss:
