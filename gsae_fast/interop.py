@@ -1,5 +1,6 @@
 """Converters and checkpoints between gsae_fast's SAEs (:class:`gsae_fast.GatedSAE`,
-:class:`gsae_fast.JumpReLUSAE`) and SAELens and dictionary_learning (table ``ARCHS``).
+:class:`gsae_fast.JumpReLUSAE`) and SAELens and dictionary_learning (table ``ARCHS``; below, the
+Gated names, the JumpReLU ones are the same as SAELens').
 
 - SAELens (``sae_lens.saes.gated_sae.GatedSAE`` / ``GatedTrainingSAE``): the same parameter names
   and layouts. On disk: ``cfg.json`` + ``sae_weights.safetensors`` (``SAE.save_model`` /
@@ -16,7 +17,8 @@ optimizer step show on both sides); ``share=False`` copies.
 Settings gsae_fast does not implement are refused with :class:`UnsupportedSAEError`, never
 ignored: SAELens ``apply_b_dec_to_input=False``, any ``normalize_activations`` other than
 ``"none"`` (fold the normalisation into the weights first), ``reshape_activations="hook_z"``
-(flatten the heads yourself), ``use_error_term=True``; architectures other than ``"gated"``.
+(flatten the heads yourself), ``use_error_term=True``; architectures other than ``"gated"`` and
+``"jumprelu"``.
 The SAELens libraries are imported only by the functions that build their objects.
 """
 from __future__ import annotations
@@ -233,10 +235,17 @@ def to_dictionary_learning(gsae, *, share: bool = False):
     cls = getattr(dictionary, arch.dl_class)
     kw = dict(initialization=lambda m: None) if arch.name == "gated" else {}
     ae = cls(gsae.d_in, gsae.d_sae, device=gsae.W_enc.device, **kw).to(gsae.W_enc.dtype)
-    if hasattr(ae, "apply_b_dec_to_input"):
-        ae.apply_b_dec_to_input = True  # gsae_fast's encoders centre their input
+    # dictionary_learning's JumpReLU encoder does not centre (and its ae.pt files cannot say it
+    # does): write its convention, b_enc - b_dec @ W_enc, so a saved state dict reloads exactly.
+    uncentred = getattr(ae, "apply_b_dec_to_input", True) is False
+    if uncentred and share:
+        raise UnsupportedSAEError("share=True: dictionary_learning's uncentred encoder needs "
+                                  "its own bias (b_enc - b_dec @ W_enc), which cannot be shared")
     for key, (name, transposed) in arch.dl_keys.items():
         t = getattr(gsae, name).detach()
+        if uncentred and name == "b_enc":
+            W, b = gsae.W_enc.detach(), gsae.b_dec.detach()
+            t = (t.double() - b.double() @ W.double()).to(t.dtype)
         t = t.t() if transposed else t
         parent, _, attr = key.rpartition(".")
         setattr(ae.get_submodule(parent) if parent else ae, attr,

@@ -72,7 +72,12 @@ class _Step(torch.autograd.Function):
 
 @dataclass
 class JumpReLULoss:
-    """``loss = mse + l0_loss + pre_act_loss`` (coefficients included), as SAELens names them."""
+    """``loss = mse + l0_loss + pre_act_loss`` (coefficients included), as SAELens names them.
+
+    On the sparse path ``acts`` are the training slots, flattened to ``[tokens, K]``: every
+    pre-activation above ``threshold - bandwidth / 2`` (the estimators' band), ``f`` holding
+    JumpReLU(pre) (0 below the threshold), so ``acts.counts`` include the band; ``l0`` counts only
+    ``pre > threshold``."""
 
     loss: Tensor
     mse: Tensor
@@ -115,7 +120,11 @@ def jumprelu_sae_loss(x: Tensor, W_enc: Tensor, W_dec: Tensor, b_dec: Tensor, b_
     """SAELens' JumpReLU training loss (``JumpReLUTrainingSAE.training_forward_pass``, the
     threshold already clamped at 0). ``backend="reference"`` runs the dense math."""
     check_options(sparsity_mode, target_l0, bandwidth)
+    threshold = threshold.to(b_enc.dtype)  # SAELens casts its fp32 threshold to the compute dtype
     x2 = x.reshape(-1, x.shape[-1])
+    band = bandwidth / 2
+    dense = backend == "reference" or (capacity is not None and
+                                       capacity > ops.DENSE_SWITCH_FRACTION * W_enc.shape[1])
     W_dec_norm = W_dec.norm(dim=1)
     pre_act = x2.new_zeros(())
     if pre_act_loss_coefficient is not None and dead_neuron_mask is not None and \
@@ -126,7 +135,7 @@ def jumprelu_sae_loss(x: Tensor, W_enc: Tensor, W_dec: Tensor, b_dec: Tensor, b_
         pre_act = pre_act_loss_coefficient * (
             (threshold[dead] - pre_dead).relu() * W_dec_norm[dead]).sum(-1).mean()
 
-    if backend == "reference":
+    if dense:  # the reference, or so many slots (band included) that dense is faster
         pre = (x2 - b_dec) @ W_enc + b_enc
         f = _JumpReLU.apply(pre, threshold.expand_as(pre), bandwidth, ste_to_input)
         x_hat = f @ W_dec + b_dec
@@ -135,18 +144,22 @@ def jumprelu_sae_loss(x: Tensor, W_enc: Tensor, W_dec: Tensor, b_dec: Tensor, b_
                              target_l0)
         mse = (x_hat - x2).pow(2).sum(-1).mean()
         l0 = (pre > threshold).sum(-1).float().mean()
+        max_count = int((pre > threshold - band).sum(-1).max()) if pre.shape[0] else 0
         return JumpReLULoss(mse + sparsity + pre_act, mse, sparsity, pre_act, l0,
-                            x_hat.view(x.shape), f=f.view(*x.shape[:-1], -1))
+                            x_hat.view(x.shape), f=f.view(*x.shape[:-1], -1),
+                            max_count=max_count)
 
-    # Sparse path: slots for every pre > threshold - bandwidth / 2.
-    band = bandwidth / 2
-    acts = ops.gated_encode(x2, *as_gated(W_enc, b_dec, b_enc, threshold, band),
-                            capacity=capacity, backend=backend)
+    # Sparse path: slots for every pre > threshold - bandwidth / 2. The gate is built from a
+    # detached threshold, so the threshold's gradient comes from the estimators alone (two
+    # large opposite paths through b_gate and pre would cancel only up to rounding in bf16).
+    gated = as_gated(W_enc, b_dec, b_enc, threshold.detach(), band)
+    acts = ops.gated_encode(x2, *gated, capacity=capacity, backend=backend)
     valid = acts.mask()
     i = acts.idx.long()
     acc = acts.pi_gate.dtype
     th = threshold.to(acc)[i]
-    pre = torch.where(valid, acts.pi_gate + (th - band), th - bandwidth)  # padding: out of band
+    offset = (b_enc.to(acc) - gated[2].to(acc)).detach()[i]  # pi_gate + offset = z + b_enc
+    pre = torch.where(valid, acts.pi_gate + offset, th - bandwidth)  # padding: out of band
     f = _JumpReLU.apply(pre, th, bandwidth, ste_to_input)
     l0_rows = _Step.apply(pre, th, bandwidth, ste_to_input).sum(-1)
     slots = SparseActs(acts.idx, f, acts.pi_gate, acts.counts, acts.d_sae, acts.max_count)

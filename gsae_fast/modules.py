@@ -168,8 +168,8 @@ class GatedSAE(_SparseSAE):
         ``W_enc' = W_enc * exp(r_mag)``, ``b_enc = b_mag``, ``threshold = b_mag - exp(r_mag) b_gate``."""
         with torch.no_grad():
             scale = torch.exp(self.r_mag)
-            out = JumpReLUSAE(self.d_in, self.d_sae, device="meta", decoder_init_norm=None,
-                              backend=self.backend)
+            out = JumpReLUSAE(self.d_in, self.d_sae, device="meta", decoder_init_norm=None)
+            out.backend, out.sae_lens_metadata = self.backend, self.sae_lens_metadata
             out.W_enc = nn.Parameter(self.W_enc * scale)
             out.W_dec = nn.Parameter(self.W_dec.clone())
             out.b_dec = nn.Parameter(self.b_dec.clone())
@@ -218,8 +218,8 @@ class JumpReLUSAE(_SparseSAE):
         """The Gated SAE computing the same activations (r_mag = 0, b_mag = b_enc,
         b_gate = b_enc - threshold)."""
         with torch.no_grad():
-            out = GatedSAE(self.d_in, self.d_sae, device="meta", decoder_init_norm=None,
-                           backend=self.backend)
+            out = GatedSAE(self.d_in, self.d_sae, device="meta", decoder_init_norm=None)
+            out.backend, out.sae_lens_metadata = self.backend, self.sae_lens_metadata
             for name, value in zip(("W_enc", "b_dec", "b_gate", "r_mag", "b_mag"),
                                    self._encoder_params()):
                 setattr(out, name, nn.Parameter(value.clone()))

@@ -119,6 +119,42 @@ def test_training_loss_and_grads_match_sae_lens(sl, backend, mode):
         assert_rel(getattr(m, k).grad, getattr(theirs, k).grad, tol, f"grad {k}")
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_leading_dims_and_dense_switch(backend):
+    """[2, n, d_in] inputs give the flattened batch's loss; a capacity hint above the dense
+    switch takes the dense path, with the same numbers."""
+    p = make_params(6)
+    x = make_x((2, 9), D_IN, seed=6)
+    flat = ours_with(p, backend).loss(x.reshape(18, D_IN), 0.3, bandwidth=BANDWIDTH)
+    m = ours_with(p, backend)
+    lead = m.loss(x, 0.3, bandwidth=BANDWIDTH)
+    assert lead.x_hat.shape == x.shape
+    assert_rel(lead.loss.detach(), flat.loss.detach(), TOL64, "leading dims")
+    m._capacity = D_SAE  # as after a batch with near-dense rows
+    dense = m.loss(x, 0.3, bandwidth=BANDWIDTH)
+    assert dense.f is not None and dense.acts is None
+    assert_rel(dense.loss.detach(), flat.loss.detach(), TOL64, "dense switch")
+    # the dense path reports the band's largest row, so the hint can fall back below the switch
+    assert m._capacity == gsae_fast.ops.next_capacity(dense.max_count, D_SAE)
+    assert dense.max_count == lead.max_count or backend == "reference"
+
+
+def test_bf16_weights_with_an_fp32_threshold():
+    """SAELens trains bf16 SAEs with an fp32 threshold: the loss takes it (cast at use)."""
+    if "cpu" not in CPU_BACKENDS:
+        pytest.skip("C++ extension not built")
+    p = make_params(7)
+    x = make_x((BATCH,), D_IN, seed=7)
+    b16 = {k: (v.float() if k == "threshold" else v.to(torch.bfloat16)) for k, v in p.items()}
+    args = [b16[k] for k in ("W_enc", "W_dec", "b_dec", "b_enc", "threshold")]
+    out = gsae_fast.jumprelu.jumprelu_sae_loss(x.to(torch.bfloat16), *args, 0.5,
+                                               bandwidth=BANDWIDTH, backend="cpu")
+    ref = gsae_fast.jumprelu.jumprelu_sae_loss(
+        x, *[p[k] for k in ("W_enc", "W_dec", "b_dec", "b_enc", "threshold")], 0.5,
+        bandwidth=BANDWIDTH, backend="reference")
+    assert abs(out.loss.item() - ref.loss.item()) < 0.03 * ref.loss.item()
+
+
 def test_bad_loss_options():
     m = ours_with(make_params())
     x = make_x((4,), D_IN, seed=0)
@@ -139,6 +175,9 @@ def test_gated_and_jumprelu_are_the_same_encoder():
     x = make_x((BATCH,), D_IN, seed=3)
     j = g.to_jumprelu()
     assert isinstance(j, JumpReLUSAE)
+    assert g.to_jumprelu().backend == "auto"
+    if "cpu" in CPU_BACKENDS:  # an explicit backend survives the conversion
+        assert GatedSAE(4, 8, backend="cpu").to_jumprelu().to_gated().backend == "cpu"
     assert_rel(j.encode(x), g.encode(x), 1e-12, "gated -> jumprelu")
     assert_rel(j.to_gated().encode(x), j.encode(x), 1e-12, "jumprelu -> gated")
     assert torch.equal(j.to_gated().r_mag, torch.zeros(D_SAE, dtype=torch.float64))
@@ -181,6 +220,9 @@ def test_converters_and_checkpoints(sl, dictlearn, tmp_path):
     from_disk = gsae_fast.load(tmp_path)
     assert isinstance(from_disk, JumpReLUSAE)
     assert_rel(from_disk(x), native(x), TOL64, "ae.pt")
+    # ours -> dictionary_learning -> its ae.pt -> ours: its (uncentred) convention round-trips
+    torch.save(m.to_dictionary_learning().state_dict(), tmp_path / "ae.pt")
+    assert_rel(gsae_fast.load(tmp_path)(x), m(x), TOL64, "our ae.pt")
 
 
 def test_sparse_training_never_builds_the_dense_matrix():
