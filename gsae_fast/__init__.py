@@ -4,7 +4,7 @@
     sae = gsae_fast.GatedSAE(d_in=512, d_sae=16384)       # backend="auto"
     out = sae.loss(x, l1_coefficient=1e-3)                  # out.loss.backward()
     acts = sae.encode_sparse(x)                             # SparseActs: idx, f, pi_gate, counts
-    gsae_fast.patch_sae_lens()                              # existing SAELens Gated SAEs, on the kernels
+    gsae_fast.patch_sae_lens()                              # existing SAELens Gated SAEs too
 
 See README.md, and ../DESIGN.md for the math and conventions.
 """
@@ -19,7 +19,8 @@ from .patch import (patch_dictionary_learning, patch_sae_lens, unpatch_dictionar
 from .types import GatedLoss, SparseActs
 
 __version__ = "0.1.0"
-__all__ = ["GatedSAE", "JumpReLUSAE", "load", "SparseActs", "GatedLoss", "available_backends", "gated_encode",
+__all__ = ["GatedSAE", "JumpReLUSAE", "load", "SparseActs", "GatedLoss", "available_backends",
+           "gated_encode",
            "sparse_decode", "gated_sae_loss", "ops", "reference", "backends", "interop",
            "UnsupportedSAEError", "patch_sae_lens", "unpatch_sae_lens",
            "patch_dictionary_learning", "unpatch_dictionary_learning"]

@@ -121,7 +121,13 @@ def _new_module(arch: Arch, params: dict, backend: str, metadata: Optional[dict]
     same = [n for n in arch.params if n != "threshold"]
     if len({params[n].dtype for n in same}) > 1 or len({params[n].device for n in params}) > 1:
         raise UnsupportedSAEError("the parameters do not share one dtype and device: "
-                                  f"{ {n: (params[n].dtype, str(params[n].device)) for n in params} }")
+                                  + str({n: (params[n].dtype, str(params[n].device))
+                                         for n in params}))
+    # A copied half-precision threshold becomes fp32, as JumpReLUSAE keeps it (shared: as is).
+    t = params.get("threshold")
+    if t is not None and t.dtype in (torch.bfloat16, torch.float16) and \
+            not isinstance(t, nn.Parameter):
+        params["threshold"] = t.float()
     sae = getattr(modules, arch.module)(d_in, d_sae, device="meta", decoder_init_norm=None)
     for name in arch.params:
         p = params[name]

@@ -165,7 +165,8 @@ class GatedSAE(_SparseSAE):
 
     def to_jumprelu(self) -> "JumpReLUSAE":
         """The JumpReLU SAE computing the same activations (the paper's equivalence):
-        ``W_enc' = W_enc * exp(r_mag)``, ``b_enc = b_mag``, ``threshold = b_mag - exp(r_mag) b_gate``."""
+        ``W_enc' = W_enc * exp(r_mag)``, ``b_enc = b_mag``,
+        ``threshold = b_mag - exp(r_mag) b_gate``."""
         with torch.no_grad():
             scale = torch.exp(self.r_mag)
             out = JumpReLUSAE(self.d_in, self.d_sae, device="meta", decoder_init_norm=None)
@@ -176,6 +177,10 @@ class GatedSAE(_SparseSAE):
             out.b_enc = nn.Parameter(self.b_mag.clone())
             out.threshold = nn.Parameter(self.b_mag - scale * self.b_gate)
         return out
+
+
+def _threshold_dtype(dtype: Optional[torch.dtype]) -> Optional[torch.dtype]:
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
 
 
 class JumpReLUSAE(_SparseSAE):
@@ -194,8 +199,17 @@ class JumpReLUSAE(_SparseSAE):
         super().__init__(d_in, d_sae, dtype=dtype, device=device, backend=backend,
                          decoder_init_norm=decoder_init_norm)
         self.b_enc = nn.Parameter(torch.zeros(d_sae, dtype=dtype, device=device))
-        self.threshold = nn.Parameter(torch.full((d_sae,), init_threshold, dtype=dtype,
-                                                 device=device))
+        # fp32 beside bf16/fp16 weights, as SAELens: small Adam steps on an O(0.01-1) threshold
+        # would round away in bf16. Cast to the compute dtype where it is used.
+        self.threshold = nn.Parameter(torch.full((d_sae,), init_threshold, device=device,
+                                                 dtype=_threshold_dtype(dtype)))
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)  # .to(dtype), .half(), ... reach the threshold
+        t = self._parameters.get("threshold")
+        if t is not None and t.dtype in (torch.bfloat16, torch.float16):
+            t.data = t.data.float()
+        return out
 
     def _encoder_params(self) -> tuple[Tensor, ...]:
         return jumprelu.as_gated(self.W_enc, self.b_dec, self.b_enc,
@@ -209,8 +223,8 @@ class JumpReLUSAE(_SparseSAE):
         with torch.no_grad():
             self.threshold.clamp_(min=0.0)
         out = jumprelu.jumprelu_sae_loss(
-            x, self.W_enc, self.W_dec, self.b_dec, self.b_enc, self.threshold.to(self.b_enc.dtype),
-            l0_coefficient, backend=self._backend_for(x), capacity=self._capacity, **options)
+            x, self.W_enc, self.W_dec, self.b_dec, self.b_enc, self.threshold, l0_coefficient,
+            backend=self._backend_for(x), capacity=self._capacity, **options)
         self._remember(out.max_count)
         return out
 

@@ -237,3 +237,14 @@ def test_sparse_training_never_builds_the_dense_matrix():
         out = m.loss(x, 0.5)
     assert out.acts is not None and out.f is None
     assert out.max_count < out.acts.capacity < 100
+
+
+def test_threshold_stays_fp32_beside_half_weights(tmp_path):
+    m = JumpReLUSAE(D_IN, D_SAE, dtype=torch.bfloat16)
+    assert m.W_enc.dtype == torch.bfloat16 and m.threshold.dtype == torch.float32
+    m = JumpReLUSAE(D_IN, D_SAE).to(torch.float16)
+    assert m.W_enc.dtype == torch.float16 and m.threshold.dtype == torch.float32
+    m.to(torch.bfloat16).save_pretrained(tmp_path)
+    back = gsae_fast.load(tmp_path)
+    assert back.W_dec.dtype == torch.bfloat16 and back.threshold.dtype == torch.float32
+    assert torch.equal(back.threshold, m.threshold)
