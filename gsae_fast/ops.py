@@ -34,6 +34,11 @@ DEFAULT_CAPACITY = 256
 DENSE_SWITCH_FRACTION = 0.2
 
 
+def dense_is_faster(capacity: Optional[int], d_sae: int) -> bool:
+    """The loss switch: a capacity (expected largest row) above DENSE_SWITCH_FRACTION * d_sae."""
+    return capacity is not None and capacity > DENSE_SWITCH_FRACTION * d_sae
+
+
 def next_capacity(max_count: int, d_sae: int) -> int:
     """Capacity to try for the next batch after one whose largest row had ``max_count`` actives:
     25% headroom plus a few slots, a multiple of 16, at most d_sae."""
@@ -265,8 +270,7 @@ def gated_sae_loss(x: Tensor, W_enc: Tensor, W_dec: Tensor, b_dec: Tensor, b_gat
         raise ValueError("gsae_fast.gated_sae_loss: x has no tokens (the loss is a mean over "
                          "tokens)")
     d_in, d_sae = W_enc.shape[0], W_enc.shape[1]
-    if backends.resolve(backend, x.device) == "reference" or (
-            capacity is not None and capacity > DENSE_SWITCH_FRACTION * d_sae):
+    if backends.resolve(backend, x.device) == "reference" or dense_is_faster(capacity, d_sae):
         _check_same(dict(x=x, W_enc=W_enc, W_dec=W_dec), "gsae_fast.gated_sae_loss")
         return reference.gated_sae_loss(x, W_enc, W_dec, b_dec, b_gate, r_mag, b_mag,
                                         l1_coefficient, sparsity=sparsity, aux=aux)

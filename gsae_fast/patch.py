@@ -58,11 +58,19 @@ def _original(cls, name):
     raise AttributeError(name)
 
 
+def _hint(holder):
+    """The capacity hint kept on a patched object (as GatedSAE keeps its own)."""
+    return getattr(holder, "_gsae_fast_capacity", None)
+
+
+def _remember(holder, max_count: int, d_sae: int) -> None:
+    holder._gsae_fast_capacity = ops.next_capacity(max_count, d_sae)
+
+
 def _sparse(x, params, holder, backend) -> SparseActs:
-    """Sparse encode with a capacity hint kept on the patched object."""
-    acts = ops.gated_encode(x, *params, capacity=getattr(holder, "_gsae_fast_capacity", None),
-                            backend=backend)
-    holder._gsae_fast_capacity = ops.next_capacity(acts.max_count, acts.d_sae)
+    """Sparse encode with the patched object's capacity hint."""
+    acts = ops.gated_encode(x, *params, capacity=_hint(holder), backend=backend)
+    _remember(holder, acts.max_count, acts.d_sae)
     return acts
 
 
@@ -123,8 +131,8 @@ def _sl_training_forward_pass(self, step_input):
     out = ops.gated_sae_loss(x, self.W_enc, self.W_dec, self.b_dec, self.b_gate, self.r_mag,
                              self.b_mag, step_input.coefficients["l1"], sparsity="decoder_norm",
                              aux="shared", backend=_backend["sae_lens"],
-                             capacity=getattr(self, "_gsae_fast_capacity", None))
-    self._gsae_fast_capacity = ops.next_capacity(out.max_count, self.cfg.d_sae)
+                             capacity=_hint(self))
+    _remember(self, out.max_count, self.cfg.d_sae)
     with torch.no_grad():
         if out.acts is not None:
             acts = out.acts
@@ -203,8 +211,8 @@ def _dl_trainer_loss(self, x, step, logging=False, **kwargs):
     out = ops.gated_sae_loss(x, ae.encoder.weight.T, ae.decoder.weight.T, ae.decoder_bias,
                              ae.gate_bias, ae.r_mag, ae.mag_bias, coef, sparsity="unit",
                              aux="frozen", backend=_backend["dictionary_learning"],
-                             capacity=getattr(ae, "_gsae_fast_capacity", None))
-    ae._gsae_fast_capacity = ops.next_capacity(out.max_count, ae.dict_size)
+                             capacity=_hint(ae))
+    _remember(ae, out.max_count, ae.dict_size)
     if not logging:
         return out.loss
     with torch.no_grad():

@@ -14,13 +14,14 @@ from torch import Tensor
 from .types import acc_dtype
 
 
-def _slot_mask(idx: Tensor, counts: Tensor) -> Tensor:
+def slot_mask(idx: Tensor, counts: Tensor) -> Tensor:
+    """True on the active slots of padded rows ``idx [B, K]`` with ``counts [B]``."""
     return torch.arange(idx.shape[1], device=idx.device) < counts.unsqueeze(1)
 
 
 def _coo(idx: Tensor, counts: Tensor, values: Tensor, d_sae: int) -> Tensor:
     """The active slots as a sparse COO ``[B, d_sae]`` matrix of ``values``."""
-    mask = _slot_mask(idx, counts)
+    mask = slot_mask(idx, counts)
     rows = torch.arange(idx.shape[0], device=idx.device).unsqueeze(1).expand_as(idx)[mask]
     indices = torch.stack([rows, idx[mask].long()])
     return torch.sparse_coo_tensor(indices, values[mask], (idx.shape[0], d_sae),
@@ -58,7 +59,7 @@ def gated_encode_backward(x, W_enc, b_dec, b_gate, r_mag, b_mag, idx, f, pi_gate
                           grad_f, grad_pi_gate, need_x: bool):
     acc = acc_dtype(x.dtype)
     d_sae = W_enc.shape[1]
-    mask = _slot_mask(idx, counts)
+    mask = slot_mask(idx, counts)
     i = idx.long()
     er = torch.exp(r_mag.to(acc))
     zero = torch.zeros((), dtype=acc, device=x.device)
@@ -95,7 +96,7 @@ def sparse_decode_backward(grad_out, idx, val, counts, W_dec, need_val: bool, ne
     empty = torch.empty(0, dtype=acc, device=val.device)
     grad_val = empty
     if need_val:
-        mask = _slot_mask(idx, counts)
+        mask = slot_mask(idx, counts)
         # Row chunks keep the gathered [rows, K, d_in] block small.
         chunk = max(1, (1 << 22) // max(1, idx.shape[1] * W_dec.shape[1]))
         parts = [torch.einsum("bkd,bd->bk", W_dec[idx[s:s + chunk].long()].to(acc), g[s:s + chunk])

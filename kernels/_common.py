@@ -19,6 +19,10 @@ import torch
 import triton
 import triton.language as tl
 
+# Absolute, not relative: run from the repository root, this folder is also importable as a
+# top-level "kernels" (transformers probes that name at import), where ".." does not exist.
+from gsae_fast.torch_executor import slot_mask
+
 # Read when the kernels are decorated (as Triton does): set TRITON_INTERPRET=1 before importing.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -108,7 +112,7 @@ def group_by_feature(idx: torch.Tensor, counts: torch.Tensor, d_sae: int):
     No host synchronisation: the sizes are fixed.
     """
     B, K = idx.shape
-    valid = torch.arange(K, device=idx.device) < counts.unsqueeze(1)
+    valid = slot_mask(idx, counts)
     keys = torch.where(valid, idx, torch.full_like(idx, d_sae)).reshape(-1)
     feats, order = torch.sort(keys, stable=True)
     # int64 positions: B * K can pass 2**31 (a million tokens, an outlier row of 2048 actives).

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, acc_tl, dot_precision, on_device, vec_mat
+from ._common import INTERPRET, acc_tl, dot_precision, on_device, slot_mask, vec_mat
 
 
 def _configs():
@@ -138,7 +138,7 @@ def gated_encode(x, W_enc, b_dec, b_gate, r_mag, b_mag, capacity: int):
             UPCAST=INTERPRET and x.dtype in (torch.bfloat16, torch.float16))
     status[0] = counts.max()
     if K > 1:  # tiles land in any order: sort each row's slots by feature
-        valid = torch.arange(K, device=x.device) < counts.unsqueeze(1)
+        valid = slot_mask(idx, counts)
         keys, perm = torch.where(valid, idx, torch.full_like(idx, d_sae)).sort(dim=1)
         idx = torch.where(valid, keys, torch.zeros_like(keys))
         f, pi_gate = f.gather(1, perm), pi_gate.gather(1, perm)

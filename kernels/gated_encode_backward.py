@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import group_by_feature, grouped_scatter, vec_mat
+from ._common import group_by_feature, grouped_scatter, slot_mask, vec_mat
 from .sparse_decode import sparse_decode
 
 
@@ -26,7 +26,7 @@ def gated_encode_backward(x, W_enc, b_dec, b_gate, r_mag, b_mag, idx, f, pi_gate
     d_in, d_sae = W_enc.shape
     acc = f.dtype
     zero = torch.zeros((), dtype=acc, device=x.device)
-    valid = torch.arange(K, device=x.device) < counts.unsqueeze(1)
+    valid = slot_mask(idx, counts)
     i = idx.long()
     scale = torch.exp(r_mag.to(acc))[i]
     grad_mag = torch.where(valid & (f > 0), grad_f, zero)
