@@ -8,18 +8,18 @@
 
 See README.md, and ../DESIGN.md for the math and conventions.
 """
-from . import backends, interop, ops, reference
+from . import backends, interop, ops, reference, topk
 from .backends import available_backends
 from .interop import UnsupportedSAEError
 from .interop import load
-from .modules import GatedSAE, JumpReLUSAE
+from .modules import BatchTopKSAE, GatedSAE, JumpReLUSAE, TopKSAE
 from .ops import gated_encode, gated_sae_loss, sparse_decode
 from .patch import (patch_dictionary_learning, patch_sae_lens, unpatch_dictionary_learning,
                     unpatch_sae_lens)
 from .types import GatedLoss, SparseActs
 
 __version__ = "0.1.0"
-__all__ = ["GatedSAE", "JumpReLUSAE", "load", "SparseActs", "GatedLoss", "available_backends",
+__all__ = ["GatedSAE", "JumpReLUSAE", "TopKSAE", "BatchTopKSAE", "load", "SparseActs", "GatedLoss", "available_backends",
            "gated_encode",
            "sparse_decode", "gated_sae_loss", "ops", "reference", "backends", "interop",
            "UnsupportedSAEError", "patch_sae_lens", "unpatch_sae_lens",

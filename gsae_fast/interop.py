@@ -1,13 +1,17 @@
 """Converters and checkpoints between gsae_fast's SAEs (:class:`gsae_fast.GatedSAE`,
-:class:`gsae_fast.JumpReLUSAE`) and SAELens and dictionary_learning (table ``ARCHS``; below, the
-Gated names, the JumpReLU ones are the same as SAELens').
+:class:`gsae_fast.JumpReLUSAE`, :class:`gsae_fast.TopKSAE`, :class:`gsae_fast.BatchTopKSAE`) and
+SAELens and dictionary_learning (table ``ARCHS``; below, the Gated names, the others are
+SAELens' names too).
 
 - SAELens (``sae_lens.saes.gated_sae.GatedSAE`` / ``GatedTrainingSAE``): the same parameter names
   and layouts. On disk: ``cfg.json`` + ``sae_weights.safetensors`` (``SAE.save_model`` /
   ``SAE.load_from_disk``); :func:`save_pretrained` writes that format, :func:`load` reads it.
+  The config fields that define an SAE (``k``, ``rescale_acts_by_decoder_norm``,
+  ``topk_threshold_lr``) and its buffers (BatchTopK's ``topk_threshold``) travel with it.
 - dictionary_learning (``dictionary_learning.dictionary.GatedAutoEncoder``):
   ``encoder.weight = W_enc.T``, ``decoder.weight = W_dec.T``, ``decoder_bias = b_dec``,
-  ``gate_bias = b_gate``, ``mag_bias = b_mag``, ``r_mag``. On disk: ``ae.pt`` (a state dict) +
+  ``gate_bias = b_gate``, ``mag_bias = b_mag``, ``r_mag`` (TopK ones: ``encoder.bias = b_enc``,
+  ``b_dec``, buffers ``k`` and ``threshold``). On disk: ``ae.pt`` (a state dict) +
   ``config.json``; :func:`load` reads it.
 
 ``share=True`` makes the new module use the same storage (SAELens: the same ``nn.Parameter``
@@ -17,8 +21,8 @@ optimizer step show on both sides); ``share=False`` copies.
 Settings gsae_fast does not implement are refused with :class:`UnsupportedSAEError`, never
 ignored: SAELens ``apply_b_dec_to_input=False``, any ``normalize_activations`` other than
 ``"none"`` (fold the normalisation into the weights first), ``reshape_activations="hook_z"``
-(flatten the heads yourself), ``use_error_term=True``; architectures other than ``"gated"`` and
-``"jumprelu"``.
+(flatten the heads yourself), ``use_error_term=True``; architectures other than those of
+``ARCHS``; a dictionary_learning TopK SAE with a non-integer ``k`` or decoder-norm rescaling.
 The SAELens libraries are imported only by the functions that build their objects.
 """
 from __future__ import annotations
@@ -26,7 +30,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Union
 
 import torch
@@ -34,6 +38,7 @@ from torch import nn
 
 SAE_LENS_CFG, SAE_LENS_WEIGHTS = "cfg.json", "sae_weights.safetensors"
 DL_CFG, DL_WEIGHTS = "config.json", "ae.pt"
+SAE_LENS_FORMAT = "6.0.0"
 
 
 @dataclass(frozen=True)
@@ -43,9 +48,17 @@ class Arch:
     module: str        # class in gsae_fast.modules
     params: tuple      # our parameter names (SAELens' too)
     sae_lens: tuple    # SAELens module, inference class, its config, training class, its config
-    dl_class: str      # dictionary_learning class (dictionary_learning.dictionary)
+    dl_class: str      # dictionary_learning class (in dl_module)
     dl_keys: dict      # dictionary_learning state-dict key -> (our name, transposed)
+    hyper: tuple = ()  # SAELens config fields that define the SAE (module attributes too)
+    buffers: tuple = ()  # SAELens state-dict tensors beside the parameters (module buffers)
+    dl_module: str = "dictionary_learning.dictionary"
+    dl_extra: dict = field(default_factory=dict)  # dictionary_learning buffer -> our attribute
 
+
+_TOPK_DL_KEYS = {"encoder.weight": ("W_enc", True), "decoder.weight": ("W_dec", True),
+                 "encoder.bias": ("b_enc", False), "b_dec": ("b_dec", False)}
+_TOPK_PARAMS = ("W_enc", "W_dec", "b_dec", "b_enc")
 
 ARCHS = {
     "gated": Arch("gated", "GatedSAE", ("W_enc", "W_dec", "b_dec", "b_gate", "r_mag", "b_mag"),
@@ -58,6 +71,20 @@ ARCHS = {
                      ("sae_lens.saes.jumprelu_sae", "JumpReLUSAE", "JumpReLUSAEConfig",
                       "JumpReLUTrainingSAE", "JumpReLUTrainingSAEConfig"), "JumpReluAutoEncoder",
                      {k: (k, False) for k in ("W_enc", "W_dec", "b_dec", "b_enc", "threshold")}),
+    "topk": Arch("topk", "TopKSAE", _TOPK_PARAMS,
+                 ("sae_lens.saes.topk_sae", "TopKSAE", "TopKSAEConfig", "TopKTrainingSAE",
+                  "TopKTrainingSAEConfig"), "AutoEncoderTopK", _TOPK_DL_KEYS,
+                 hyper=("k", "rescale_acts_by_decoder_norm"),
+                 dl_module="dictionary_learning.trainers.top_k",
+                 dl_extra={"k": "k", "threshold": "dl_threshold"}),
+    # SAELens has no inference class for it: a trained BatchTopK SAE is saved as a JumpReLU one.
+    "batchtopk": Arch("batchtopk", "BatchTopKSAE", _TOPK_PARAMS,
+                      ("sae_lens.saes.batchtopk_sae", None, None, "BatchTopKTrainingSAE",
+                       "BatchTopKTrainingSAEConfig"), "BatchTopKSAE", _TOPK_DL_KEYS,
+                      hyper=("k", "rescale_acts_by_decoder_norm", "topk_threshold_lr"),
+                      buffers=("topk_threshold",),
+                      dl_module="dictionary_learning.trainers.batch_top_k",
+                      dl_extra={"k": "k", "threshold": "topk_threshold"}),
 }
 
 
@@ -109,7 +136,10 @@ def _shapes(name: str, d_in: int, d_sae: int) -> tuple:
     return {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}.get(name, (d_sae,))
 
 
-def _new_module(arch: Arch, params: dict, backend: str, metadata: Optional[dict]):
+def _new_module(arch: Arch, params: dict, backend: str, metadata: Optional[dict],
+                hyper: Optional[dict] = None, buffers: Optional[dict] = None):
+    """The gsae_fast module of ``arch`` holding ``params`` (Parameters are used as they are,
+    tensors wrapped), built with the config values ``hyper``, with the buffers ``buffers``."""
     from . import modules
     d_in, d_sae = params["W_enc"].shape
     for name in arch.params:
@@ -128,10 +158,20 @@ def _new_module(arch: Arch, params: dict, backend: str, metadata: Optional[dict]
     if t is not None and t.dtype in (torch.bfloat16, torch.float16) and \
             not isinstance(t, nn.Parameter):
         params["threshold"] = t.float()
-    sae = getattr(modules, arch.module)(d_in, d_sae, device="meta", decoder_init_norm=None)
+    missing = [n for n in arch.hyper if n not in (hyper or {})]
+    if missing and arch.name in ("topk", "batchtopk") and "k" in missing:
+        raise UnsupportedSAEError(f"a {arch.name!r} SAE needs its k (missing from the config)")
+    sae = getattr(modules, arch.module)(d_in, d_sae, device="meta", decoder_init_norm=None,
+                                        **{k: v for k, v in (hyper or {}).items()
+                                           if k in arch.hyper})
     for name in arch.params:
         p = params[name]
         setattr(sae, name, p if isinstance(p, nn.Parameter) else nn.Parameter(p))
+    for name in arch.buffers:
+        value = (buffers or {}).get(name)
+        old = getattr(sae, name)
+        setattr(sae, name, torch.zeros((), dtype=old.dtype, device=sae.W_enc.device)
+                if value is None else value.detach().to(sae.W_enc.device, old.dtype).clone())
     sae.backend = backend
     if backend not in ("auto", "reference"):
         from . import backends
@@ -160,7 +200,9 @@ def from_sae_lens(sae, *, share: bool = False, backend: str = "auto",
                                   "adds the reconstruction error back); set it to False")
     params = {n: getattr(sae, n) if share else getattr(sae, n).detach().clone()
               for n in arch.params}
-    return _new_module(arch, params, backend, cfg.get("metadata"))
+    return _new_module(arch, params, backend, cfg.get("metadata"),
+                       {k: cfg[k] for k in arch.hyper if k in cfg},
+                       {n: getattr(sae, n) for n in arch.buffers})
 
 
 def sae_lens_cfg(gsae, **overrides) -> dict:
@@ -170,6 +212,7 @@ def sae_lens_cfg(gsae, **overrides) -> dict:
                normalize_activations="none", reshape_activations="none",
                metadata=dict(getattr(gsae, "sae_lens_metadata", None) or {}),
                architecture=gsae.ARCH)
+    cfg.update({k: getattr(gsae, k) for k in ARCHS[gsae.ARCH].hyper})
     cfg.update(overrides)
     return cfg
 
@@ -178,6 +221,11 @@ def to_sae_lens(gsae, *, training: bool = False, share: bool = False, **cfg_over
     """The SAELens SAE (the training class with ``training=True``; config fields such as
     ``l1_coefficient`` go in ``cfg_overrides``) with this module's parameters."""
     arch = ARCHS[gsae.ARCH]
+    if arch.sae_lens[1] is None and not training:  # BatchTopK: saved as its JumpReLU form
+        if share:
+            raise UnsupportedSAEError(f"SAELens has no inference {arch.name!r} SAE: the JumpReLU "
+                                      "it becomes folds the decoder norms, so it cannot share")
+        return gsae.to_jumprelu().to_sae_lens(**cfg_overrides)
     mod = importlib.import_module(arch.sae_lens[0])
     cls, cfg_cls = (getattr(mod, n) for n in (arch.sae_lens[3:5] if training else
                                               arch.sae_lens[1:3]))
@@ -185,6 +233,8 @@ def to_sae_lens(gsae, *, training: bool = False, share: bool = False, **cfg_over
     check_sae_lens_cfg(cfg)
     metadata = cfg.pop("metadata")
     cfg.pop("architecture")
+    if not training and "topk_threshold_lr" in cfg:
+        cfg.pop("topk_threshold_lr")
     out = cls(cfg_cls(**cfg))
     for k, v in metadata.items():
         out.cfg.metadata[k] = v
@@ -194,21 +244,33 @@ def to_sae_lens(gsae, *, training: bool = False, share: bool = False, **cfg_over
                 setattr(out, name, getattr(gsae, name))
             else:
                 getattr(out, name).copy_(getattr(gsae, name))
+        for name in arch.buffers:
+            getattr(out, name).copy_(getattr(gsae, name))
     return out
 
 
-def _dl_arch(names) -> Arch:
-    for arch in ARCHS.values():
-        if all(k in names for k in arch.dl_keys):
-            return arch
-    raise TypeError("expected a dictionary_learning GatedAutoEncoder or JumpReluAutoEncoder (or "
-                    f"its state dict); got parameters {sorted(names)}")
+def _dl_arch(names, class_name: Optional[str], expected: Optional[str]) -> Arch:
+    """The architecture of a dictionary_learning autoencoder (by class) or state dict (by keys;
+    TopK and BatchTopK share theirs, so ``expected`` or TopK decides)."""
+    if class_name is not None:
+        for arch in ARCHS.values():
+            if arch.dl_class == class_name:
+                return arch
+    found = [a for a in ARCHS.values() if all(k in names for k in a.dl_keys)]
+    if expected is not None and any(a.name == expected for a in found):
+        return ARCHS[expected]
+    if found:
+        return found[0]
+    raise TypeError("expected a dictionary_learning GatedAutoEncoder, JumpReluAutoEncoder, "
+                    "AutoEncoderTopK or BatchTopKSAE (or its state dict); got parameters "
+                    f"{sorted(names)}")
 
 
 def from_dictionary_learning(ae, *, share: bool = False, backend: str = "auto",
                              expected: Optional[str] = None):
-    """A gsae_fast SAE from a dictionary_learning ``GatedAutoEncoder`` / ``JumpReluAutoEncoder``
-    (or its state dict).
+    """A gsae_fast SAE from a dictionary_learning ``GatedAutoEncoder``, ``JumpReluAutoEncoder``,
+    ``AutoEncoderTopK`` or ``BatchTopKSAE`` (or its state dict; a TopK one is read as
+    ``expected`` says, else as ``AutoEncoderTopK``).
 
     dictionary_learning's JumpReLU encoder does not centre its input by default
     (``apply_b_dec_to_input = False``, also what its ``ae.pt`` files were trained with); gsae_fast's
@@ -217,8 +279,9 @@ def from_dictionary_learning(ae, *, share: bool = False, backend: str = "auto",
     """
     is_state = isinstance(ae, dict)
     state = ae if is_state else dict(ae.named_parameters())
-    arch = _expect(_dl_arch(state), expected)
-    default_centred = arch.name == "gated"  # GatedAutoEncoder always centres
+    extra = ae if is_state else dict(ae.named_buffers())
+    arch = _expect(_dl_arch(state, None if is_state else type(ae).__name__, expected), expected)
+    default_centred = arch.name != "jumprelu"  # only the JumpReLU autoencoder does not centre
     centred = default_centred if is_state else getattr(ae, "apply_b_dec_to_input", default_centred)
     if not centred and share:
         raise UnsupportedSAEError("share=True needs apply_b_dec_to_input=True: the encoder bias "
@@ -231,16 +294,39 @@ def from_dictionary_learning(ae, *, share: bool = False, backend: str = "auto",
     if not centred:
         W, b = params["W_enc"], params["b_dec"]
         params["b_enc"] = (params["b_enc"].double() + b.double() @ W.double()).to(W.dtype)
-    return _new_module(arch, params, backend, None)
+    hyper, buffers, notes = {}, {}, {}
+    for key, name in arch.dl_extra.items():
+        if key not in extra:
+            continue
+        if name in arch.hyper:
+            hyper[name] = int(extra[key])
+        elif name in arch.buffers:
+            buffers[name] = extra[key]
+        else:
+            notes[name] = float(extra[key])
+    sae = _new_module(arch, params, backend, None, hyper, buffers)
+    for name, value in notes.items():
+        setattr(sae, name, value)
+    return sae
 
 
 def to_dictionary_learning(gsae, *, share: bool = False):
     """The dictionary_learning autoencoder with this module's parameters."""
-    from dictionary_learning import dictionary
     arch = ARCHS[gsae.ARCH]
-    cls = getattr(dictionary, arch.dl_class)
+    cls = getattr(importlib.import_module(arch.dl_module), arch.dl_class)
     kw = dict(initialization=lambda m: None) if arch.name == "gated" else {}
-    ae = cls(gsae.d_in, gsae.d_sae, device=gsae.W_enc.device, **kw).to(gsae.W_enc.dtype)
+    if "k" in arch.dl_extra:
+        if int(gsae.k) != gsae.k:
+            raise UnsupportedSAEError(f"dictionary_learning's {arch.dl_class} needs an integer k, "
+                                      f"got {gsae.k}")
+        kw["k"] = int(gsae.k)
+    if arch.name in ("topk", "batchtopk") and gsae.rescale_acts_by_decoder_norm:
+        raise UnsupportedSAEError(
+            f"dictionary_learning's {arch.dl_class} has no rescale_acts_by_decoder_norm: fold "
+            "the decoder norms first (BatchTopKSAE.to_jumprelu, or scale W_enc, b_enc by them)")
+    ae = cls(gsae.d_in, gsae.d_sae, device=gsae.W_enc.device, **kw) if arch.name in (
+        "gated", "jumprelu") else cls(gsae.d_in, gsae.d_sae, **kw).to(gsae.W_enc.device)
+    ae = ae.to(gsae.W_enc.dtype)
     # dictionary_learning's JumpReLU encoder does not centre (and its ae.pt files cannot say it
     # does): write its convention, b_enc - b_dec @ W_enc, so a saved state dict reloads exactly.
     uncentred = getattr(ae, "apply_b_dec_to_input", True) is False
@@ -256,6 +342,11 @@ def to_dictionary_learning(gsae, *, share: bool = False):
         parent, _, attr = key.rpartition(".")
         setattr(ae.get_submodule(parent) if parent else ae, attr,
                 nn.Parameter(t if share else t.clone().contiguous()))
+    if arch.dl_extra.get("threshold") is not None:
+        value = getattr(gsae, arch.dl_extra["threshold"], None)
+        if value is not None:  # in the dtype the autoencoder's .to() gave its own buffer
+            ae.threshold = torch.as_tensor(float(value), dtype=ae.threshold.dtype,
+                                           device=gsae.W_enc.device)
     return ae
 
 
@@ -270,13 +361,19 @@ def _safetensors():
 
 def save_pretrained(gsae, path: Union[str, os.PathLike]) -> None:
     """Write ``path/cfg.json`` + ``path/sae_weights.safetensors`` (SAELens' format: loads with
-    ``sae_lens.SAE.load_from_disk(path)`` and :func:`load`)."""
+    ``sae_lens.SAE.load_from_disk(path)`` and :func:`load`; a BatchTopK SAE, which SAELens
+    only has as a training class, with ``sae_lens.TrainingSAE.load_from_disk``)."""
     save_file = _safetensors().save_file
     os.makedirs(path, exist_ok=True)
-    save_file({n: getattr(gsae, n).detach().contiguous() for n in ARCHS[gsae.ARCH].params},
+    arch = ARCHS[gsae.ARCH]
+    save_file({n: getattr(gsae, n).detach().contiguous() for n in arch.params + arch.buffers},
               os.path.join(path, SAE_LENS_WEIGHTS))
+    cfg = sae_lens_cfg(gsae)
+    # The version of SAELens' config format written here; without it SAELens reads the file as
+    # a pre-6.0 config (which has no BatchTopK architecture).
+    cfg["metadata"].setdefault("sae_lens_version", SAE_LENS_FORMAT)
     with open(os.path.join(path, SAE_LENS_CFG), "w") as f:
-        json.dump(sae_lens_cfg(gsae), f, indent=1)
+        json.dump(cfg, f, indent=1)
 
 
 def load(path: Union[str, os.PathLike], *, device: Union[str, torch.device] = "cpu",
@@ -301,7 +398,7 @@ def load(path: Union[str, os.PathLike], *, device: Union[str, torch.device] = "c
         missing = [n for n in arch.params if n not in state]
         if missing:
             raise UnsupportedSAEError(f"{path}: {SAE_LENS_WEIGHTS} lacks {missing}")
-        extra = [k for k in state if k not in arch.params and not (
+        extra = [k for k in state if k not in arch.params + arch.buffers and not (
             k == "scaling_factor" and bool((state[k] == 1).all()))]  # legacy, 1 = no scaling
         if extra:
             raise UnsupportedSAEError(f"{path}: {SAE_LENS_WEIGHTS} has tensors gsae_fast does not "
@@ -318,6 +415,8 @@ def load(path: Union[str, os.PathLike], *, device: Union[str, torch.device] = "c
             if cls is not None and cls not in known:
                 raise UnsupportedSAEError(f"{path}: dictionary_learning dict_class {cls!r}; "
                                           f"gsae_fast implements {sorted(known)}")
+            if cls is not None and expected is None:
+                expected = known[cls].name
         try:
             sae = from_dictionary_learning(raw, backend=backend, expected=expected)
         except TypeError as e:
@@ -327,4 +426,5 @@ def load(path: Union[str, os.PathLike], *, device: Union[str, torch.device] = "c
         raise FileNotFoundError(f"{path}: no SAELens ({SAE_LENS_CFG} + {SAE_LENS_WEIGHTS}) or "
                                 f"dictionary_learning ({DL_WEIGHTS}) checkpoint there")
     params = {n: state[n].to(dtype=dtype) if dtype else state[n] for n in arch.params}
-    return _new_module(arch, params, backend, metadata)
+    return _new_module(arch, params, backend, metadata, {k: cfg[k] for k in arch.hyper if k in cfg},
+                       {n: state[n] for n in arch.buffers if n in state})

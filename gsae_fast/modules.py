@@ -6,7 +6,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
-from . import backends, interop, jumprelu, ops, reference
+from . import backends, interop, jumprelu, ops, reference, topk
 from .types import GatedLoss, SparseActs
 
 
@@ -238,4 +238,159 @@ class JumpReLUSAE(_SparseSAE):
                                    self._encoder_params()):
                 setattr(out, name, nn.Parameter(value.clone()))
             out.W_dec = nn.Parameter(self.W_dec.clone())
+        return out
+
+
+class TopKSAE(_SparseSAE):
+    """TopK SAE (Gao et al. 2024) on the sparse kernels (gsae_fast.topk): per token the ``k``
+    largest ``pre = (x - b_dec) @ W_enc + b_enc``, ReLU'd.
+
+    SAELens' parameters (``W_enc, W_dec, b_enc, b_dec``) and options: with
+    ``rescale_acts_by_decoder_norm`` the selection and the activations use
+    ``pre * |W_dec[i]|`` and the decoder divides it out again (SAELens' training default; its
+    inference default, and dictionary_learning's ``AutoEncoderTopK``, have it off).
+    ``dl_threshold``: dictionary_learning's learned inference threshold (``use_threshold=True``),
+    carried through its converters, unused here.
+    """
+
+    ARCH = "topk"
+    BATCH = False
+
+    def __init__(self, d_in: int, d_sae: int, k: float = 100, *,
+                 rescale_acts_by_decoder_norm: bool = False,
+                 dtype: Optional[torch.dtype] = None,
+                 device: Optional[Union[torch.device, str]] = None, backend: str = "auto",
+                 decoder_init_norm: Optional[float] = 0.1):
+        super().__init__(d_in, d_sae, dtype=dtype, device=device, backend=backend,
+                         decoder_init_norm=decoder_init_norm)
+        topk._check_k(k, self.BATCH, type(self).__name__)
+        self.k = k
+        self.rescale_acts_by_decoder_norm = bool(rescale_acts_by_decoder_norm)
+        self.b_enc = nn.Parameter(torch.zeros(d_sae, dtype=dtype, device=device))
+        self.dl_threshold: Optional[float] = None
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, k={self.k}, "
+                f"rescale_acts_by_decoder_norm={self.rescale_acts_by_decoder_norm}")
+
+    def _decoder_norm(self) -> Optional[Tensor]:
+        return self.W_dec.norm(dim=1) if self.rescale_acts_by_decoder_norm else None
+
+    def encode_sparse(self, x: Tensor) -> SparseActs:
+        """The top-k activations of ``x [..., d_in]`` (``f``; ``pi_gate`` holds the same)."""
+        return topk.topk_encode(x, self.W_enc, self.b_dec, self.b_enc, self.k,
+                                batch=self.BATCH, decoder_norm=self._decoder_norm(),
+                                backend=self._backend_for(x))
+
+    def encode(self, x: Tensor) -> Tensor:
+        if self._backend_for(x) == "reference":
+            return topk.dense_topk(x, self.W_enc, self.b_dec, self.b_enc, self.k,
+                                   batch=self.BATCH, decoder_norm=self._decoder_norm())[0]
+        return self.encode_sparse(x).to_dense(dtype=x.dtype)
+
+    def decode(self, acts: Union[SparseActs, Tensor]) -> Tensor:
+        norm = self._decoder_norm()
+        if isinstance(acts, SparseActs):
+            acts = topk.decode_values(acts, norm)
+        elif norm is not None:
+            acts = acts / norm
+        return super().decode(acts)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self._backend_for(x) == "reference":
+            return self.decode(self.encode(x))
+        return self.decode(self.encode_sparse(x))
+
+    def loss(self, x: Tensor, *, dead_neuron_mask: Optional[Tensor] = None,
+             aux_loss_coefficient: float = 1.0, aux_k: Optional[int] = None,
+             aux_style: str = "sae_lens") -> "topk.TopKLoss":
+        """The training loss: ``mse + aux_loss_coefficient * AuxK`` over the dead features
+        (see gsae_fast.topk.topk_sae_loss; SAELens' ``TopKTrainingSAE`` by default)."""
+        return topk.topk_sae_loss(x, self.W_enc, self.W_dec, self.b_dec, self.b_enc, self.k,
+                                  batch=self.BATCH,
+                                  rescale_acts_by_decoder_norm=self.rescale_acts_by_decoder_norm,
+                                  dead_neuron_mask=dead_neuron_mask,
+                                  aux_loss_coefficient=aux_loss_coefficient, aux_k=aux_k,
+                                  aux_style=aux_style, backend=self._backend_for(x))
+
+
+class BatchTopKSAE(TopKSAE):
+    """BatchTopK SAE (Bussmann et al. 2024): in training, the ``k * tokens`` largest
+    activations of the whole batch (``k`` on average per token); in inference (``encode``,
+    ``forward``), a JumpReLU with one learned threshold ``topk_threshold`` on the same
+    activations, as SAELens' ``BatchTopKTrainingSAE`` and dictionary_learning's
+    ``BatchTopKSAE`` do. :meth:`loss` updates the threshold, as SAELens' training forward pass:
+    ``t <- (1 - topk_threshold_lr) t + topk_threshold_lr * (smallest positive activation)``.
+    A negative threshold (dictionary_learning's "not yet set") acts as 0.
+    """
+
+    ARCH = "batchtopk"
+    BATCH = True
+
+    def __init__(self, d_in: int, d_sae: int, k: float = 100, *, topk_threshold_lr: float = 0.01,
+                 **kwargs):
+        super().__init__(d_in, d_sae, k, **kwargs)
+        self.topk_threshold_lr = topk_threshold_lr
+        # fp64, as SAELens keeps it (the EMA of small steps), whatever the weights' dtype.
+        self.register_buffer("topk_threshold", torch.zeros((), dtype=torch.float64,
+                                                           device=kwargs.get("device")))
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        if self.topk_threshold.dtype != torch.float64:  # .half() etc. keep the threshold fp64
+            self.topk_threshold = self.topk_threshold.double()
+        return out
+
+    def _encoder_params(self) -> tuple[Tensor, ...]:
+        """The inference encoder as Gated parameters: gate ``pre * n > t`` and magnitude
+        ``relu(pre * n)`` with ``n`` the decoder norms (1 without rescaling)."""
+        t = self.topk_threshold.clamp(min=0).to(self.b_enc.dtype)
+        if not self.rescale_acts_by_decoder_norm:
+            return self.W_enc, self.b_dec, self.b_enc - t, torch.zeros_like(self.b_enc), self.b_enc
+        n = self.W_dec.norm(dim=1)
+        return self.W_enc, self.b_dec, self.b_enc - t / n, torch.log(n), self.b_enc * n
+
+    def encode_sparse(self, x: Tensor) -> SparseActs:
+        """Inference activations (the threshold JumpReLU) of ``x [..., d_in]``."""
+        return _SparseSAE.encode_sparse(self, x)
+
+    def encode(self, x: Tensor) -> Tensor:
+        return _SparseSAE.encode(self, x)
+
+    def encode_batch_topk(self, x: Tensor) -> SparseActs:
+        """Training activations: the ``k * tokens`` largest of the batch."""
+        return TopKSAE.encode_sparse(self, x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self._backend_for(x) == "reference":
+            return self.decode(self.encode(x))
+        return self.decode(self.encode_sparse(x))
+
+    def loss(self, x: Tensor, **options) -> "topk.TopKLoss":
+        out = super().loss(x, **options)
+        self.update_threshold(out)
+        return out
+
+    @torch.no_grad()
+    def update_threshold(self, out: "topk.TopKLoss") -> None:
+        low = out.min_positive()
+        if low is not None:
+            lr = self.topk_threshold_lr
+            self.topk_threshold.copy_((1 - lr) * self.topk_threshold + lr * low.double())
+
+    def to_jumprelu(self) -> JumpReLUSAE:
+        """The JumpReLU SAE of the inference encoder (how SAELens saves a BatchTopK SAE): the
+        decoder norms folded in under rescaling, ``threshold = topk_threshold`` everywhere."""
+        with torch.no_grad():
+            out = JumpReLUSAE(self.d_in, self.d_sae, device="meta", decoder_init_norm=None)
+            out.backend, out.sae_lens_metadata = self.backend, self.sae_lens_metadata
+            n = self.W_dec.norm(dim=1) if self.rescale_acts_by_decoder_norm else \
+                torch.ones_like(self.b_enc)
+            out.W_enc = nn.Parameter(self.W_enc * n)
+            out.b_enc = nn.Parameter(self.b_enc * n)
+            out.W_dec = nn.Parameter(self.W_dec / n.unsqueeze(1))
+            out.b_dec = nn.Parameter(self.b_dec.clone())
+            t = self.topk_threshold.clamp(min=0)
+            out.threshold = nn.Parameter(torch.full_like(self.b_enc, float(t),
+                                                         dtype=_threshold_dtype(self.b_enc.dtype)))
         return out

@@ -93,8 +93,8 @@ def test_sae_lens_settings_gsae_fast_lacks_are_refused(saelens):
         GatedSAE.from_sae_lens(sae)
     with pytest.raises(UnsupportedSAEError, match="hook_z"):
         interop.check_sae_lens_cfg(dict(common, reshape_activations="hook_z"))
-    with pytest.raises(UnsupportedSAEError, match="'topk'"):
-        interop.check_sae_lens_cfg(dict(common, architecture="topk"))
+    with pytest.raises(UnsupportedSAEError, match="'standard'"):
+        interop.check_sae_lens_cfg(dict(common, architecture="standard"))
     with pytest.raises(TypeError, match="expected a SAELens SAE"):
         GatedSAE.from_sae_lens(torch.nn.Linear(3, 4))
 

@@ -263,11 +263,18 @@ def _import_dictionary_learning():
     try:
         dl = pytest.importorskip("dictionary_learning", reason=reason)
         gdm = pytest.importorskip("dictionary_learning.trainers.gdm", reason=reason)
+        top_k = pytest.importorskip("dictionary_learning.trainers.top_k", reason=reason)
+        batch_top_k = pytest.importorskip("dictionary_learning.trainers.batch_top_k",
+                                          reason=reason)
     finally:
         if stubbed:
             sys.modules.pop("nnsight", None)
     return types.SimpleNamespace(GatedAutoEncoder=dl.GatedAutoEncoder,
-                                 GatedSAETrainer=gdm.GatedSAETrainer)
+                                 GatedSAETrainer=gdm.GatedSAETrainer,
+                                 AutoEncoderTopK=top_k.AutoEncoderTopK,
+                                 TopKTrainer=top_k.TopKTrainer,
+                                 BatchTopKSAE=batch_top_k.BatchTopKSAE,
+                                 BatchTopKTrainer=batch_top_k.BatchTopKTrainer)
 
 
 @pytest.fixture(scope="module")
