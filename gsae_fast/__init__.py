@@ -19,8 +19,8 @@ from .patch import (patch_dictionary_learning, patch_sae_lens, unpatch_dictionar
 from .types import GatedLoss, SparseActs
 
 __version__ = "0.1.0"
-__all__ = ["GatedSAE", "JumpReLUSAE", "TopKSAE", "BatchTopKSAE", "load", "SparseActs", "GatedLoss", "available_backends",
-           "gated_encode",
-           "sparse_decode", "gated_sae_loss", "ops", "reference", "backends", "interop",
-           "UnsupportedSAEError", "patch_sae_lens", "unpatch_sae_lens",
-           "patch_dictionary_learning", "unpatch_dictionary_learning"]
+__all__ = ["GatedSAE", "JumpReLUSAE", "TopKSAE", "BatchTopKSAE", "load", "SparseActs",
+           "GatedLoss", "available_backends", "gated_encode", "sparse_decode", "gated_sae_loss",
+           "ops", "reference", "backends", "interop", "topk", "UnsupportedSAEError",
+           "patch_sae_lens", "unpatch_sae_lens", "patch_dictionary_learning",
+           "unpatch_dictionary_learning"]

@@ -137,9 +137,11 @@ def _shapes(name: str, d_in: int, d_sae: int) -> tuple:
 
 
 def _new_module(arch: Arch, params: dict, backend: str, metadata: Optional[dict],
-                hyper: Optional[dict] = None, buffers: Optional[dict] = None):
+                hyper: Optional[dict] = None, buffers: Optional[dict] = None,
+                share_buffers: bool = False):
     """The gsae_fast module of ``arch`` holding ``params`` (Parameters are used as they are,
-    tensors wrapped), built with the config values ``hyper``, with the buffers ``buffers``."""
+    tensors wrapped), built with the config values ``hyper``, with the buffers ``buffers``
+    (the same tensors with ``share_buffers``, where their dtype is the module's)."""
     from . import modules
     d_in, d_sae = params["W_enc"].shape
     for name in arch.params:
@@ -170,8 +172,15 @@ def _new_module(arch: Arch, params: dict, backend: str, metadata: Optional[dict]
     for name in arch.buffers:
         value = (buffers or {}).get(name)
         old = getattr(sae, name)
-        setattr(sae, name, torch.zeros((), dtype=old.dtype, device=sae.W_enc.device)
-                if value is None else value.detach().to(sae.W_enc.device, old.dtype).clone())
+        if value is None:
+            value = torch.zeros((), dtype=old.dtype, device=sae.W_enc.device)
+        elif share_buffers:
+            if value.dtype != old.dtype:
+                raise UnsupportedSAEError(f"share=True: {name} is {value.dtype}, gsae_fast keeps "
+                                          f"it in {old.dtype}; convert with share=False")
+        else:
+            value = value.detach().to(sae.W_enc.device, old.dtype).clone()
+        setattr(sae, name, value)
     sae.backend = backend
     if backend not in ("auto", "reference"):
         from . import backends
@@ -202,7 +211,7 @@ def from_sae_lens(sae, *, share: bool = False, backend: str = "auto",
               for n in arch.params}
     return _new_module(arch, params, backend, cfg.get("metadata"),
                        {k: cfg[k] for k in arch.hyper if k in cfg},
-                       {n: getattr(sae, n) for n in arch.buffers})
+                       {n: getattr(sae, n) for n in arch.buffers}, share_buffers=share)
 
 
 def sae_lens_cfg(gsae, **overrides) -> dict:
@@ -245,13 +254,16 @@ def to_sae_lens(gsae, *, training: bool = False, share: bool = False, **cfg_over
             else:
                 getattr(out, name).copy_(getattr(gsae, name))
         for name in arch.buffers:
-            getattr(out, name).copy_(getattr(gsae, name))
+            if share:
+                setattr(out, name, getattr(gsae, name))
+            else:
+                getattr(out, name).copy_(getattr(gsae, name))
     return out
 
 
 def _dl_arch(names, class_name: Optional[str], expected: Optional[str]) -> Arch:
     """The architecture of a dictionary_learning autoencoder (by class) or state dict (by keys;
-    TopK and BatchTopK share theirs, so ``expected`` or TopK decides)."""
+    TopK and BatchTopK share theirs, so ``expected`` decides)."""
     if class_name is not None:
         for arch in ARCHS.values():
             if arch.dl_class == class_name:
@@ -259,6 +271,12 @@ def _dl_arch(names, class_name: Optional[str], expected: Optional[str]) -> Arch:
     found = [a for a in ARCHS.values() if all(k in names for k in a.dl_keys)]
     if expected is not None and any(a.name == expected for a in found):
         return ARCHS[expected]
+    if len(found) > 1:
+        raise UnsupportedSAEError(
+            "this state dict fits dictionary_learning's " + " and ".join(a.dl_class for a in found)
+            + ", which compute different things: load it with the gsae_fast class it is ("
+            + ", ".join(f"{a.module}.from_dictionary_learning / .load" for a in found)
+            + "), or next to its config.json")
     if found:
         return found[0]
     raise TypeError("expected a dictionary_learning GatedAutoEncoder, JumpReluAutoEncoder, "
@@ -269,8 +287,9 @@ def _dl_arch(names, class_name: Optional[str], expected: Optional[str]) -> Arch:
 def from_dictionary_learning(ae, *, share: bool = False, backend: str = "auto",
                              expected: Optional[str] = None):
     """A gsae_fast SAE from a dictionary_learning ``GatedAutoEncoder``, ``JumpReluAutoEncoder``,
-    ``AutoEncoderTopK`` or ``BatchTopKSAE`` (or its state dict; a TopK one is read as
-    ``expected`` says, else as ``AutoEncoderTopK``).
+    ``AutoEncoderTopK`` or ``BatchTopKSAE`` (or its state dict; a TopK or
+    BatchTopK state dict, whose keys are the same, needs ``expected``: call it through
+    ``TopKSAE`` / ``BatchTopKSAE``).
 
     dictionary_learning's JumpReLU encoder does not centre its input by default
     (``apply_b_dec_to_input = False``, also what its ``ae.pt`` files were trained with); gsae_fast's
@@ -369,6 +388,8 @@ def save_pretrained(gsae, path: Union[str, os.PathLike]) -> None:
     save_file({n: getattr(gsae, n).detach().contiguous() for n in arch.params + arch.buffers},
               os.path.join(path, SAE_LENS_WEIGHTS))
     cfg = sae_lens_cfg(gsae)
+    if getattr(gsae, "dl_threshold", None) is not None:  # SAELens ignores unknown fields
+        cfg["dl_threshold"] = gsae.dl_threshold
     # The version of SAELens' config format written here; without it SAELens reads the file as
     # a pre-6.0 config (which has no BatchTopK architecture).
     cfg["metadata"].setdefault("sae_lens_version", SAE_LENS_FORMAT)
@@ -426,5 +447,8 @@ def load(path: Union[str, os.PathLike], *, device: Union[str, torch.device] = "c
         raise FileNotFoundError(f"{path}: no SAELens ({SAE_LENS_CFG} + {SAE_LENS_WEIGHTS}) or "
                                 f"dictionary_learning ({DL_WEIGHTS}) checkpoint there")
     params = {n: state[n].to(dtype=dtype) if dtype else state[n] for n in arch.params}
-    return _new_module(arch, params, backend, metadata, {k: cfg[k] for k in arch.hyper if k in cfg},
-                       {n: state[n] for n in arch.buffers if n in state})
+    sae = _new_module(arch, params, backend, metadata, {k: cfg[k] for k in arch.hyper if k in cfg},
+                      {n: state[n] for n in arch.buffers if n in state})
+    if cfg.get("dl_threshold") is not None:
+        sae.dl_threshold = float(cfg["dl_threshold"])
+    return sae

@@ -263,7 +263,7 @@ class TopKSAE(_SparseSAE):
                  decoder_init_norm: Optional[float] = 0.1):
         super().__init__(d_in, d_sae, dtype=dtype, device=device, backend=backend,
                          decoder_init_norm=decoder_init_norm)
-        topk._check_k(k, self.BATCH, type(self).__name__)
+        topk._check_k(k, self.BATCH, type(self).__name__, d_sae)
         self.k = k
         self.rescale_acts_by_decoder_norm = bool(rescale_acts_by_decoder_norm)
         self.b_enc = nn.Parameter(torch.zeros(d_sae, dtype=dtype, device=device))
@@ -315,13 +315,16 @@ class TopKSAE(_SparseSAE):
 
 
 class BatchTopKSAE(TopKSAE):
-    """BatchTopK SAE (Bussmann et al. 2024): in training, the ``k * tokens`` largest
-    activations of the whole batch (``k`` on average per token); in inference (``encode``,
-    ``forward``), a JumpReLU with one learned threshold ``topk_threshold`` on the same
-    activations, as SAELens' ``BatchTopKTrainingSAE`` and dictionary_learning's
-    ``BatchTopKSAE`` do. :meth:`loss` updates the threshold, as SAELens' training forward pass:
-    ``t <- (1 - topk_threshold_lr) t + topk_threshold_lr * (smallest positive activation)``.
-    A negative threshold (dictionary_learning's "not yet set") acts as 0.
+    """BatchTopK SAE (Bussmann et al. 2024): in training (:meth:`loss`,
+    :meth:`encode_batch_topk`), the ``k * tokens`` largest activations of the whole batch
+    (``k`` on average per token); in inference (``encode``, ``encode_sparse``, ``forward``), a
+    JumpReLU with one learned threshold ``topk_threshold`` on the same activations: what
+    dictionary_learning's ``BatchTopKSAE.encode`` does by default and what SAELens saves a
+    ``BatchTopKTrainingSAE`` as (its own ``encode`` stays batch top-k). :meth:`loss` updates the
+    threshold as SAELens' training forward pass does:
+    ``t <- (1 - topk_threshold_lr) t + topk_threshold_lr * (smallest positive activation)``; a
+    negative threshold (dictionary_learning's "not yet set") acts as 0 and is replaced by the
+    first smallest activation, as dictionary_learning does.
     """
 
     ARCH = "batchtopk"
@@ -374,7 +377,11 @@ class BatchTopKSAE(TopKSAE):
     @torch.no_grad()
     def update_threshold(self, out: "topk.TopKLoss") -> None:
         low = out.min_positive()
-        if low is not None:
+        if low is None:
+            return
+        if self.topk_threshold < 0:  # not yet set (dictionary_learning's -1)
+            self.topk_threshold.copy_(low.double())
+        else:
             lr = self.topk_threshold_lr
             self.topk_threshold.copy_((1 - lr) * self.topk_threshold + lr * low.double())
 

@@ -19,6 +19,12 @@ How it runs without a ``[tokens, d_sae]`` tensor surviving the call:
   ``W_enc``, ``b_enc``, ``b_dec`` and ``x`` from the ``[tokens, k]`` slots alone.
 - decode and its backward: the sparse decode op, as for the Gated SAE.
 
+Caveats: BatchTopK rows are padded to the largest row count of the batch, so one outlier token
+holding many of the batch's ``k * tokens`` slots widens every row (the memory is then
+``tokens x that count``, at worst ``tokens x d_sae``); and exact ties at the cut-off (likely in
+bf16) are broken by ``torch.topk``, so which of the tied features is kept may depend on the
+chunking (as it does on the device for SAELens).
+
 The selection GEMM runs in the parameters' dtype (as SAELens computes ``hidden_pre``); the
 selected values are in the accumulation dtype (fp32, fp64 for fp64).
 """
@@ -101,9 +107,10 @@ def select(x2: Tensor, W_enc: Tensor, b_dec: Tensor, b_enc: Tensor, k: float, *,
         empty = torch.zeros(0, dtype=torch.long, device=x2.device)
         rows_l, feats_l, pre_l, score_l = [empty], [empty], [empty.to(acc)], [empty.to(acc)]
     rows, feats, pre, score = (torch.cat(t) for t in (rows_l, feats_l, pre_l, score_l))
-    if not bool(torch.isfinite(pre).all()):
-        raise ValueError("gsae_fast.topk: the pre-activations contain NaN or Inf: x or the "
-                         "encoder parameters (W_enc, b_enc, b_dec) hold NaN/Inf values")
+    if not bool(torch.isfinite(pre).all() and torch.isfinite(score).all()):
+        raise ValueError("gsae_fast.topk: the pre-activations contain NaN or Inf: x, the "
+                         "encoder parameters (W_enc, b_enc, b_dec) or the decoder norms hold "
+                         "NaN/Inf values")
     if positive:
         keep = score > 0
         rows, feats, pre = rows[keep], feats[keep], pre[keep]
@@ -145,10 +152,12 @@ def _check(x: Tensor, W_enc: Tensor, b_dec: Tensor, b_enc: Tensor, op: str) -> N
     ops._check_shape(b_enc, (d_sae,), "b_enc", op)
 
 
-def _check_k(k: float, batch: bool, op: str) -> None:
+def _check_k(k: float, batch: bool, op: str, d_sae: Optional[int] = None) -> None:
     if not k > 0 or (not batch and int(k) != k):
         raise ValueError(f"{op}: k must be a positive {'number' if batch else 'integer'}, "
                          f"got {k!r}")
+    if d_sae is not None and k > d_sae:
+        raise ValueError(f"{op}: k={k} is larger than d_sae={d_sae}")
 
 
 def topk_encode(x: Tensor, W_enc: Tensor, b_dec: Tensor, b_enc: Tensor, k: float, *,
@@ -164,7 +173,7 @@ def topk_encode(x: Tensor, W_enc: Tensor, b_dec: Tensor, b_enc: Tensor, k: float
     """
     op = "gsae_fast.topk_encode"
     _check(x, W_enc, b_dec, b_enc, op)
-    _check_k(k, batch, op)
+    _check_k(k, batch, op, W_enc.shape[1])
     be = backends.resolve(backend, x.device)
     d_in, d_sae = W_enc.shape
     lead = x.shape[:-1]
@@ -274,9 +283,11 @@ def topk_sae_loss(x: Tensor, W_enc: Tensor, W_dec: Tensor, b_dec: Tensor, b_enc:
     """
     op = "gsae_fast.topk_sae_loss"
     _check(x, W_enc, b_dec, b_enc, op)
-    _check_k(k, batch, op)
+    _check_k(k, batch, op, W_enc.shape[1])
     d_in, d_sae = W_enc.shape
     check_loss_options(dead_neuron_mask, d_sae, aux_style)
+    if aux_k is not None and (int(aux_k) != aux_k or aux_k <= 0):
+        raise ValueError(f"{op}: aux_k must be a positive integer, got {aux_k!r}")
     ops._check_same(dict(x=x, W_dec=W_dec), op)
     ops._check_shape(W_dec, (d_sae, d_in), "W_dec", op)
     if x.shape[:-1].numel() == 0:

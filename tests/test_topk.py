@@ -172,11 +172,39 @@ def test_chunked_selection_equals_one_chunk(monkeypatch, batch):
         assert chunked.counts.min() != chunked.counts.max()  # not k per row
 
 
-def test_leading_dims_and_empty_batch():
+@pytest.mark.parametrize("batch", [False, True], ids=["topk", "batchtopk"])
+def test_leading_dims_match_sae_lens(sl, batch):
+    """BatchTopK counts its k * tokens over every leading dim, as SAELens does."""
     p = make_params()
-    m = ours_with(p)
     x = make_x((5, 3, D_IN))
-    assert_rel(m(x), m(x.reshape(15, D_IN)).reshape(5, 3, D_IN), 1e-15)
+    theirs = sae_lens_training(sl, p, batch, True)
+    ours = ours_with(p, batch, True)
+    acts = ours.encode_batch_topk(x) if batch else ours.encode_sparse(x)
+    assert acts.counts.shape == (5, 3)
+    assert_rel(acts.to_dense(), theirs.encode(x), TOL64)
+    assert_rel(ours.decode(acts), theirs.decode(theirs.encode(x)), TOL64)
+
+
+def test_sparse_path_on_the_torch_executor_has_dense_gradients():
+    """The op-level "reference" executor (gsae_fast.torch_executor) under _SlotPre: the same
+    values and gradients as dense autograd through torch.topk."""
+    p = {k: v.requires_grad_() for k, v in make_params().items()}
+    x = make_x((BATCH, D_IN)).requires_grad_()
+    for batch in (False, True):
+        norm = p["W_dec"].norm(dim=1)
+        acts = topk.topk_encode(x, p["W_enc"], p["b_dec"], p["b_enc"], K, batch=batch,
+                                decoder_norm=norm, backend="reference")
+        dense, _ = topk.dense_topk(x, p["W_enc"], p["b_dec"], p["b_enc"], K, batch=batch,
+                                   decoder_norm=p["W_dec"].norm(dim=1))
+        w = make_x((BATCH, D_SAE), seed=9)
+        ours = torch.autograd.grad((acts.to_dense() * w).sum(), [x, *p.values()])
+        theirs = torch.autograd.grad((dense * w).sum(), [x, *p.values()])
+        for name, a, b in zip(["x", *p], ours, theirs):
+            assert_rel(a, b, TOL64, name)
+
+
+def test_empty_batch():
+    m = ours_with(make_params())
     acts = m.encode_sparse(torch.zeros(0, 4, D_IN, dtype=torch.float64))
     assert acts.counts.shape == (0, 4) and m.decode(acts).shape == (0, 4, D_IN)
     with pytest.raises(ValueError, match="no tokens"):
@@ -349,6 +377,50 @@ def test_dictionary_learning_refuses_what_it_cannot_hold(dictlearn):
 # --------------------------------------------------------------------------------- errors
 
 
+def test_batchtopk_threshold_update():
+    """SAELens' moving average, and dictionary_learning's unset (-1) threshold replaced by the
+    first smallest activation."""
+    p = make_params()
+    x = make_x((BATCH, D_IN))
+    m = ours_with(p, batch=True)
+    m.topk_threshold.fill_(-1.0)
+    out = m.loss(x)
+    low = float(out.min_positive())
+    assert 0 < low and float(m.topk_threshold) == low
+    out = m.loss(x)
+    assert math.isclose(float(m.topk_threshold), 0.99 * low + 0.01 * float(out.min_positive()),
+                        rel_tol=1e-12)
+
+
+def test_share_keeps_the_sae_lens_threshold_buffer(sl):
+    p = make_params()
+    theirs = sae_lens_training(sl, p, True, False)
+    ours = BatchTopKSAE.from_sae_lens(theirs, share=True)
+    assert ours.topk_threshold is theirs.topk_threshold
+    ours.loss(make_x((BATCH, D_IN)))
+    assert float(theirs.topk_threshold) > 0
+
+
+def test_dictionary_learning_threshold_survives_checkpoints(dictlearn, tmp_path):
+    ae = dl_with(dictlearn.AutoEncoderTopK, make_params(), threshold=0.3)
+    ours = TopKSAE.from_dictionary_learning(ae)
+    ours.save_pretrained(tmp_path)
+    again = TopKSAE.load(tmp_path)
+    assert again.dl_threshold == pytest.approx(0.3)
+    assert float(again.to_dictionary_learning().threshold) == pytest.approx(0.3)
+
+
+def test_ambiguous_dictionary_learning_state_dict_needs_the_class(dictlearn, tmp_path):
+    ae = dl_with(dictlearn.BatchTopKSAE, make_params(), threshold=0.3)
+    with pytest.raises(UnsupportedSAEError, match="AutoEncoderTopK and BatchTopKSAE"):
+        gsae_fast.interop.from_dictionary_learning(ae.state_dict())
+    assert type(BatchTopKSAE.from_dictionary_learning(ae.state_dict())) is BatchTopKSAE
+    torch.save(ae.state_dict(), tmp_path / "ae.pt")  # no config.json to tell
+    with pytest.raises(UnsupportedSAEError, match="BatchTopKSAE"):
+        gsae_fast.load(tmp_path)
+    assert type(BatchTopKSAE.load(tmp_path)) is BatchTopKSAE
+
+
 def test_bad_input_is_refused():
     p = make_params()
     with pytest.raises(ValueError, match="positive integer"):
@@ -367,3 +439,12 @@ def test_bad_input_is_refused():
     bad[2, 1] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         m.encode_sparse(bad)
+    with pytest.raises(ValueError, match="larger than d_sae"):
+        TopKSAE(D_IN, D_SAE, D_SAE + 1)
+    with pytest.raises(ValueError, match="aux_k"):
+        m.loss(x, dead_neuron_mask=dead_mask(), aux_k=0)
+    rescaled = ours_with(p, rescale=True)
+    with torch.no_grad():
+        rescaled.W_dec[5, 0] = float("nan")  # a NaN decoder norm must not vanish in the filter
+    with pytest.raises(ValueError, match="NaN"):
+        rescaled.encode_sparse(x)
