@@ -1,0 +1,265 @@
+"""Training a Gated SAE on the fast ops: the recipe of the paper and of dictionary_learning's
+``GatedSAETrainer``.
+
+- Adam (``betas=(0.0, 0.999)`` as dictionary_learning), learning rate warmed up linearly over
+  ``warmup_steps`` and decayed linearly to 0 from ``decay_start`` (default: 80% of the steps);
+  the sparsity coefficient warmed up linearly over ``sparsity_warmup_steps``.
+- ``decoder="unit_norm"`` (the paper, dictionary_learning's ``ConstrainedAdam``): the gradient's
+  component along each decoder row is removed before the step and the rows are renormalised
+  after it, with the unit sparsity weights; ``decoder="norm_penalty"`` (SAELens): free rows and
+  the ``|W_dec[i]|``-weighted sparsity penalty.
+- Mixed precision: ``compute_dtype="bfloat16"`` (the default on CUDA) runs the kernels in bf16
+  on bf16 copies of the fp32 master parameters (the casts are differentiable, so the gradients
+  and Adam stay fp32); autocast would not reach the custom ops.
+- Dead features: tokens since each feature last fired; dead after ``dead_after_tokens``.
+- Logs one JSON line per ``log_every`` steps (``log.jsonl``); checkpoints (``checkpoint.pt``:
+  parameters, Adam state, step, dead-feature counters, RNG states and the data stream's
+  position) every ``checkpoint_every`` steps and at the end; ``resume=True`` continues from one
+  exactly (the same loss curve as an uninterrupted run).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from . import ops
+from .modules import GatedSAE
+
+DECODER_MODES = ("unit_norm", "norm_penalty")
+
+
+@dataclass
+class TrainConfig:
+    d_sae: int = 4096
+    l1_coefficient: float = 1.0
+    steps: int = 1000
+    batch_size: int = 4096
+    lr: float = 5e-5
+    betas: tuple = (0.0, 0.999)
+    warmup_steps: int = 100
+    decay_start: Optional[int] = None  # None: 80% of steps
+    sparsity_warmup_steps: int = 200
+    decoder: str = "unit_norm"
+    aux: str = "frozen"
+    backend: str = "auto"
+    compute_dtype: str = "auto"  # "auto": bfloat16 on CUDA, float32 elsewhere
+    dead_after_tokens: int = 10_000_000
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 0  # 0: at the end only
+    extra: dict = field(default_factory=dict)  # free-form (data description, for the record)
+
+    def check(self) -> None:
+        if self.decoder not in DECODER_MODES:
+            raise ValueError(f"decoder must be one of {DECODER_MODES}, got {self.decoder!r}")
+        for name in ("d_sae", "steps", "batch_size", "log_every"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.warmup_steps < self.steps:
+            raise ValueError(f"warmup_steps must be in [0, steps={self.steps}), got "
+                             f"{self.warmup_steps}")
+        if self.decay_start is not None and not self.warmup_steps <= self.decay_start < self.steps:
+            raise ValueError(f"decay_start must be in [warmup_steps, steps), got {self.decay_start}")
+        if self.lr <= 0 or self.l1_coefficient < 0:
+            raise ValueError("lr must be > 0 and l1_coefficient >= 0")
+
+    def lr_scale(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / (self.warmup_steps + 1)
+        decay = int(0.8 * self.steps) if self.decay_start is None else self.decay_start
+        if step >= decay:
+            return (self.steps - step) / (self.steps - decay)
+        return 1.0
+
+    def sparsity_scale(self, step: int) -> float:
+        return min(1.0, step / self.sparsity_warmup_steps) if self.sparsity_warmup_steps else 1.0
+
+
+def _compute_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = getattr(torch, name, None)
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        raise ValueError(f"compute_dtype must be auto/float32/bfloat16/float16/float64, got {name!r}")
+    return dtype
+
+
+class Trainer:
+    """Trains a :class:`GatedSAE` on ``data`` (an iterator of ``[tokens, d_in]`` batches; with
+    ``state_dict`` / ``load_state_dict`` for exact resumption).
+
+    ``out_dir`` receives ``log.jsonl``, ``checkpoint.pt`` and, at the end, ``sae/`` (SAELens
+    format, :meth:`GatedSAE.load`) and ``summary.json``.
+    """
+
+    def __init__(self, cfg: TrainConfig, d_in: int, data, out_dir: Optional[str] = None, *,
+                 device="cpu", resume: bool = False):
+        cfg.check()
+        self.cfg, self.data, self.out_dir = cfg, data, out_dir
+        self.device = torch.device(device)
+        self.compute_dtype = _compute_dtype(cfg.compute_dtype, self.device)
+        torch.manual_seed(cfg.seed)
+        self.sae = GatedSAE(d_in, cfg.d_sae, device=self.device, backend=cfg.backend,
+                            decoder_init_norm=1.0 if cfg.decoder == "unit_norm" else 0.1)
+        self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
+        self.step = 0
+        self.tokens = 0
+        self.since_fired = torch.zeros(cfg.d_sae, dtype=torch.long, device=self.device)
+        self.capacity: Optional[int] = None
+        if out_dir is not None:
+            os.makedirs(out_dir, exist_ok=True)
+        if resume:
+            if out_dir is None or not os.path.exists(self.checkpoint_path):
+                raise FileNotFoundError(f"resume=True but there is no checkpoint at "
+                                        f"{self.checkpoint_path if out_dir else '(no out_dir)'}")
+            self.load_checkpoint(self.checkpoint_path)
+        elif out_dir is not None and os.path.exists(os.path.join(out_dir, "log.jsonl")):
+            os.remove(os.path.join(out_dir, "log.jsonl"))  # a fresh run starts a fresh log
+
+    @property
+    def checkpoint_path(self) -> str:
+        return os.path.join(self.out_dir, "checkpoint.pt")
+
+    # -- one step ----------------------------------------------------------------------------
+
+    def _loss(self, x: torch.Tensor):
+        cd, cfg, sae = self.compute_dtype, self.cfg, self.sae
+        params = [p if p.dtype == cd else p.to(cd) for p in
+                  (sae.W_enc, sae.W_dec, sae.b_dec, sae.b_gate, sae.r_mag, sae.b_mag)]
+        coef = cfg.l1_coefficient * cfg.sparsity_scale(self.step)
+        sparsity = "unit" if cfg.decoder == "unit_norm" else "decoder_norm"
+        return ops.gated_sae_loss(x.to(cd), *params, coef, sparsity=sparsity, aux=cfg.aux,
+                                  backend=sae._backend_for(x), capacity=self.capacity)
+
+    def train_step(self, x: torch.Tensor) -> dict:
+        """One optimisation step on the batch ``x``; returns its log record."""
+        cfg, sae = self.cfg, self.sae
+        t0 = time.perf_counter()
+        lr = cfg.lr * cfg.lr_scale(self.step)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        x = x.to(self.device).reshape(-1, sae.d_in)
+        out = self._loss(x)
+        self.opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        if cfg.decoder == "unit_norm":  # keep the step on the sphere of unit rows
+            with torch.no_grad():
+                W, g = sae.W_dec, sae.W_dec.grad
+                g -= (g * W).sum(1, keepdim=True) * W / W.pow(2).sum(1, keepdim=True)
+        self.opt.step()
+        if cfg.decoder == "unit_norm":
+            with torch.no_grad():
+                sae.W_dec /= sae.W_dec.norm(dim=1, keepdim=True)
+        self.capacity = ops.next_capacity(out.max_count, cfg.d_sae)
+        self._count_fired(x, out)
+        self.step += 1
+        self.tokens += x.shape[0]
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        dead = float((self.since_fired >= cfg.dead_after_tokens).float().mean())
+        return {"step": self.step, "tokens": self.tokens, "loss": out.loss.item(),
+                "mse": out.mse.item(), "sparsity": out.sparsity.item(), "aux": out.aux.item(),
+                "l0": out.l0.item(), "lr": lr, "sparsity_scale": cfg.sparsity_scale(self.step - 1),
+                "dead_fraction": dead, "step_ms": 1e3 * (time.perf_counter() - t0)}
+
+    @torch.no_grad()
+    def _count_fired(self, x, out) -> None:
+        acts = out.acts
+        if acts is None:  # the dense path ran (L0 near d_sae): find the firing features
+            s = self.sae
+            acts = ops.gated_encode(x.to(self.compute_dtype), *(p.to(self.compute_dtype) for p in
+                                    (s.W_enc, s.b_dec, s.b_gate, s.r_mag, s.b_mag)),
+                                    backend=s._backend_for(x))
+        fired = torch.bincount(acts.idx[acts.mask()].long(), minlength=self.cfg.d_sae) > 0
+        self.since_fired += x.shape[0]
+        self.since_fired[fired] = 0
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def train(self, progress: Optional[Callable[[int, int, dict], None]] = None,
+              stop_after: Optional[int] = None) -> list[dict]:
+        """Run to ``cfg.steps`` (or ``stop_after`` more steps); returns the log records.
+        ``progress(step, steps, record)`` is called after every step."""
+        cfg = self.cfg
+        log_f = open(os.path.join(self.out_dir, "log.jsonl"), "a") if self.out_dir else None
+        records = []
+        end = cfg.steps if stop_after is None else min(cfg.steps, self.step + stop_after)
+        try:
+            while self.step < end:
+                try:
+                    x = next(self.data)
+                except StopIteration:
+                    raise RuntimeError(f"the data ran out after {self.tokens} tokens, at step "
+                                       f"{self.step} of {cfg.steps}") from None
+                rec = self.train_step(x)
+                if rec["loss"] != rec["loss"]:  # NaN: stop and say so, rather than train on
+                    raise FloatingPointError(f"the loss is NaN at step {self.step}")
+                records.append(rec)
+                if log_f is not None and (self.step % cfg.log_every == 0 or self.step == end):
+                    log_f.write(json.dumps(rec) + "\n")
+                    log_f.flush()
+                if progress is not None:
+                    progress(self.step, cfg.steps, rec)
+                if self.out_dir and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                    self.save_checkpoint(self.checkpoint_path)
+        finally:
+            if log_f is not None:
+                log_f.close()
+        if self.out_dir:
+            self.save_checkpoint(self.checkpoint_path)
+            if self.step >= cfg.steps:
+                self.sae.save_pretrained(os.path.join(self.out_dir, "sae"))
+        return records
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        data = self.data.state_dict() if hasattr(self.data, "state_dict") else None
+        return {"config": asdict(self.cfg), "step": self.step, "tokens": self.tokens,
+                "sae": self.sae.state_dict(), "optimizer": self.opt.state_dict(),
+                "since_fired": self.since_fired, "capacity": self.capacity, "rng": rng,
+                "data": data, "d_in": self.sae.d_in}
+
+    def save_checkpoint(self, path: str) -> None:
+        tmp = path + ".tmp"
+        torch.save(self.state_dict(), tmp)
+        os.replace(tmp, path)  # a kill mid-write leaves the previous checkpoint intact
+
+    def load_checkpoint(self, path: str) -> None:
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        mine = asdict(self.cfg)
+        theirs = dict(state["config"])
+        theirs["betas"] = tuple(theirs["betas"])
+        mine["betas"] = tuple(mine["betas"])
+        if theirs != mine or state["d_in"] != self.sae.d_in:
+            diff = {k: (theirs.get(k), mine.get(k)) for k in set(theirs) | set(mine)
+                    if theirs.get(k) != mine.get(k)}
+            raise ValueError(f"{path} was made with a different configuration: {diff}")
+        self.sae.load_state_dict(state["sae"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.step, self.tokens = state["step"], state["tokens"]
+        self.since_fired = state["since_fired"].to(self.device)
+        self.capacity = state["capacity"]
+        torch.set_rng_state(state["rng"]["cpu"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        if state["data"] is not None:
+            if not hasattr(self.data, "load_state_dict"):
+                raise ValueError("the checkpoint has a data position but this data stream "
+                                 "cannot resume (no load_state_dict)")
+            self.data.load_state_dict(state["data"])
+        if self.out_dir:  # drop log lines written after the checkpoint
+            log = os.path.join(self.out_dir, "log.jsonl")
+            if os.path.exists(log):
+                with open(log) as f:
+                    keep = [line for line in f if json.loads(line)["step"] <= self.step]
+                with open(log, "w") as f:
+                    f.writelines(keep)
