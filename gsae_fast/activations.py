@@ -519,6 +519,19 @@ class ModelActivations:
                 self._doc_index, self._offset, self._doc_tokens = self._doc_index + 1, 0, None
         return out
 
+    def token_contexts(self, n: int) -> torch.Tensor:
+        """The next ``n`` full contexts of the stream as token ids ``[<= n, context_len]``
+        (fewer at its end), e.g. to measure the model's loss with an SAE spliced in."""
+        contexts = []
+        while len(contexts) < n:
+            tokens = self._take(self.context_len)
+            if len(tokens) < self.context_len:
+                break
+            contexts.append(tokens)
+        if not contexts:
+            raise ValueError(f"the texts hold no full context of {self.context_len} tokens")
+        return torch.tensor(contexts, dtype=torch.long, device=_model_device(self.model))
+
     # -- activations
 
     def _activations(self, contexts: list) -> torch.Tensor:

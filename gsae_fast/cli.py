@@ -180,6 +180,138 @@ def demo(args) -> dict:
     return summary
 
 
+# ------------------------------------------------------------------- model, cache, train, eval
+
+
+def _model_source(args, dtype=torch.float32):
+    """The model, its layer's activations over the texts (ModelActivations), from the flags."""
+    from . import activations as A
+    if not args.data:
+        raise SystemExit("gsae-fast: --model needs --data (text files: .txt, .jsonl, or a "
+                         "directory of them)")
+    model, tokenizer = A.load_model(args.model, device=args.device)
+    paths = list(args.data)
+    A.read_texts(paths)  # fail now on missing files, not mid-run
+    source = A.ModelActivations(model, tokenizer, lambda: A.read_texts(paths), args.layer,
+                                context_len=args.context_len, batch_contexts=args.batch_contexts,
+                                dtype=dtype)
+    return model, source
+
+
+def cache(args) -> dict:
+    from . import activations as A
+    model, source = _model_source(args)
+    meta = dict(model=str(args.model), layer=source.layer, context_len=args.context_len,
+                data=[str(p) for p in args.data])
+    bar = Progress(args.max_tokens or 0, "cache", enabled=not args.quiet and bool(args.max_tokens))
+    # write_cache needs the width up front: one chunk tells it.
+    first = next(source)
+
+    def chunks():
+        yield first
+        yield from source
+
+    out = A.write_cache(chunks(), args.out, d_in=first.shape[1], dtype=args.dtype,
+                        shard_tokens=args.shard_tokens, metadata=meta, max_tokens=args.max_tokens,
+                        overwrite=args.overwrite, progress=lambda n, total: bar(n, total))
+    _say(f"wrote {out['n_tokens']} activations of width {out['d_in']} ({args.dtype}) from "
+         f"{source.layer} to {args.out}")
+    return out
+
+
+def _train_data(args, d_in_hint=None):
+    """(batches iterator with state, d_in, description) from --cache or --model."""
+    if args.cache:
+        from .activations import ActivationCache
+        c = ActivationCache(args.cache)
+        return (c.batches(args.batch_size, seed=args.seed, epochs=None, drop_last=True,
+                          device=args.device),
+                c.d_in, {"cache": str(args.cache), "n_tokens": c.n_tokens})
+    if args.model:
+        from .activations import MixingBuffer
+        _, source = _model_source(args)
+        first = next(source)
+        d_in = first.shape[1]
+        source.rewind()
+        data = MixingBuffer(source, buffer_tokens=args.buffer_tokens, batch_size=args.batch_size,
+                            seed=args.seed, repeat=True)
+        return data, d_in, {"model": str(args.model), "layer": args.layer,
+                            "data": [str(p) for p in args.data]}
+    raise SystemExit("gsae-fast train: give --cache DIR (from gsae-fast cache) or --model DIR "
+                     "--data FILES --layer NAME")
+
+
+def train(args) -> dict:
+    data, d_in, described = _train_data(args)
+    cfg_fields = {f.name for f in fields(TrainConfig)} - {"extra"}
+    cfg = TrainConfig(**{k: getattr(args, k) for k in cfg_fields}, extra=described)
+    cfg.betas = tuple(cfg.betas)
+    trainer = Trainer(cfg, d_in, data, args.out, device=args.device, resume=args.resume)
+    bar = Progress(cfg.steps, "train", enabled=not args.quiet)
+    trainer.train(progress=lambda step, total, r: bar(
+        step, total, f"loss={r['loss']:.4g} mse={r['mse']:.4g} L0={r['l0']:.3g} "
+                     f"dead={100 * r['dead_fraction']:.0f}%"))
+    _say(f"trained {cfg.steps} steps; SAE in {args.out}/sae (SAELens format)")
+    summary = evaluate_sae(trainer.sae, args)
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    return summary
+
+
+def evaluate_sae(sae, args) -> dict:
+    """Metrics over --eval-tokens activations (of the cache or the model), and with a model the
+    CE loss recovered: the layer's output replaced by the SAE's reconstruction vs by zeros,
+    position 0 (the separator, left out of training) kept as it was."""
+    from . import activations as A
+    sae.eval()
+    if args.cache:
+        c = A.ActivationCache(args.cache)
+        c.check_width(sae.d_in)
+        batches = c.batches(4096, seed=args.seed + 1, epochs=1, device=args.device)
+    elif args.model:
+        model, source = _model_source(args)
+        batches = source
+    else:
+        raise SystemExit("gsae-fast eval: give --cache DIR or --model DIR --data FILES --layer")
+    summary = {"metrics": metrics.evaluate(sae, batches, max_tokens=args.eval_tokens)}
+    if args.model:
+        model, source = _model_source(args)
+        tokens = source.token_contexts(args.ce_contexts)
+
+        def keep_first(fn):
+            return lambda out: torch.cat([out[:, :1], fn(out[:, 1:])], dim=1)
+
+        with torch.no_grad():
+            clean = A.ce_loss(model, tokens)
+            with A.splice(model, args.layer, keep_first(
+                    lambda h: sae(h.to(sae.W_dec.dtype)).to(h.dtype))):
+                with_sae = A.ce_loss(model, tokens)
+            with A.splice(model, args.layer, keep_first(torch.zeros_like)):
+                zero = A.ce_loss(model, tokens)
+        summary["ce_loss"] = {"clean": clean, "with_sae": with_sae, "zero_ablated": zero,
+                              "recovered": metrics.ce_loss_recovered(clean, with_sae, zero),
+                              "contexts": int(tokens.shape[0])}
+    m = summary["metrics"]
+    _say(f"L0 {m['l0']:.2f}  FVE {m['fve']:.4f}  nMSE {m['nmse']:.4f}  relative reconstruction "
+         f"bias {m['relative_reconstruction_bias']:.4f}  dead {100 * m['dead_fraction']:.1f}%  "
+         f"dense {100 * m['dense_fraction']:.1f}%  ({m['tokens']} tokens)")
+    if "ce_loss" in summary:
+        ce = summary["ce_loss"]
+        _say(f"CE loss: clean {ce['clean']:.4f}, SAE spliced in {ce['with_sae']:.4f}, zero-"
+             f"ablated {ce['zero_ablated']:.4f}: {100 * ce['recovered']:.1f}% recovered")
+    return summary
+
+
+def eval_command(args) -> dict:
+    from .interop import load
+    sae = load(args.sae, device=args.device)
+    summary = evaluate_sae(sae, args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=1)
+    return summary
+
+
 # -------------------------------------------------------------------------------------- parser
 
 
@@ -215,12 +347,65 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="gsae_demo")
     d.add_argument("--quiet", action="store_true", help="no progress bar")
     d.set_defaults(func=demo)
+
+    def model_flags(p, required=False):
+        p.add_argument("--model", required=required,
+                       help="a local transformers model directory (nothing is downloaded)")
+        p.add_argument("--data", nargs="+", help="text files (.txt: a document per line; "
+                                                  ".jsonl: a 'text' field) or directories")
+        p.add_argument("--layer", default="resid:0",
+                       help="module name (model.named_modules) or resid:N / mlp:N / attn:N")
+        p.add_argument("--context-len", type=int, default=128)
+        p.add_argument("--batch-contexts", type=int, default=8)
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    c = sub.add_parser("cache", help="run a model over texts and write a layer's activations "
+                                     "to disk")
+    model_flags(c, required=True)
+    c.add_argument("--out", required=True)
+    c.add_argument("--max-tokens", type=int, default=None)
+    c.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    c.add_argument("--shard-tokens", type=int, default=2 ** 20)
+    c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--device", default=device)
+    c.add_argument("--quiet", action="store_true")
+    c.set_defaults(func=cache)
+
+    t = sub.add_parser("train", help="train a Gated SAE from a cache or a model")
+    t.add_argument("--cache", help="an activation cache (gsae-fast cache)")
+    model_flags(t)
+    t.add_argument("--buffer-tokens", type=int, default=2 ** 16,
+                   help="mixing buffer size (from a model)")
+    t.add_argument("--out", required=True)
+    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    t.add_argument("--eval-tokens", type=int, default=2 ** 16)
+    t.add_argument("--ce-contexts", type=int, default=32)
+    t.add_argument("--device", default=device)
+    t.add_argument("--quiet", action="store_true")
+    _add_train_config_flags(t)
+    t.set_defaults(func=train)
+
+    e = sub.add_parser("eval", help="metrics of a saved SAE (and the CE loss recovered on the "
+                                    "model)")
+    e.add_argument("sae", help="an SAE folder (SAELens format, e.g. OUT/sae) or ae.pt folder")
+    e.add_argument("--cache")
+    model_flags(e)
+    e.add_argument("--eval-tokens", type=int, default=2 ** 16)
+    e.add_argument("--ce-contexts", type=int, default=32)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--json", help="also write the results here")
+    e.add_argument("--device", default=device)
+    e.set_defaults(func=eval_command)
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    args.func(args)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError) as e:  # bad input: the message, not a traceback
+        print(f"gsae-fast {args.command}: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
