@@ -1,0 +1,269 @@
+// CUDA kernels of the "cuda" executor. Raw pointers only: no torch headers here, so nvcc stays
+// fast; the host side (shapes, dtypes, torch ops, streams, error checks) is ops_cuda.cpp.
+//
+// Accumulation type A is float (fp32/bf16/fp16 inputs) or double (fp64). Tensors the host has
+// already converted to A: values, gradients of the outputs, centred inputs, biases. Tensors read
+// in their storage dtype T: the weight matrices (the big reads).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "kernels.h"
+
+namespace gsae_fast_cuda {
+namespace {
+
+template <typename T> __device__ __forceinline__ float to_acc(T v);
+template <> __device__ __forceinline__ float to_acc<float>(float v) { return v; }
+template <> __device__ __forceinline__ float to_acc<__half>(__half v) { return __half2float(v); }
+template <> __device__ __forceinline__ float to_acc<__nv_bfloat16>(__nv_bfloat16 v) {
+  return __bfloat162float(v);
+}
+
+template <typename T, typename A> __device__ __forceinline__ A load(const T* p) {
+  return static_cast<A>(to_acc<T>(*p));
+}
+template <> __device__ __forceinline__ double load<double, double>(const double* p) { return *p; }
+
+template <typename T, typename A> __device__ __forceinline__ T store(A v);
+template <> __device__ __forceinline__ float store<float, float>(float v) { return v; }
+template <> __device__ __forceinline__ double store<double, double>(double v) { return v; }
+template <> __device__ __forceinline__ __half store<__half, float>(float v) {
+  return __float2half_rn(v);
+}
+template <> __device__ __forceinline__ __nv_bfloat16 store<__nv_bfloat16, float>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+template <typename A> __device__ __forceinline__ A warp_sum(A v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// out[b, c] = sum_{k < counts[b]} val[b, k] * W[idx[b, k], c] (+ bias[c]).
+// Grid (B, column blocks): each thread owns columns c, c + blockDim, ... so the loads of one W
+// row are coalesced across the block; the row's slots are read once per thread (broadcast).
+template <typename T, typename A>
+__global__ void decode_kernel(const int32_t* __restrict__ idx, const A* __restrict__ val,
+                              const int32_t* __restrict__ counts, const T* __restrict__ W,
+                              const A* __restrict__ bias, T* __restrict__ out, int64_t K,
+                              int64_t d_in, int64_t cols_per_block) {
+  const int64_t b = blockIdx.x;
+  const int64_t c0 = blockIdx.y * cols_per_block;
+  const int64_t c1 = min(c0 + cols_per_block, d_in);
+  const int n = counts[b];
+  for (int64_t c = c0 + threadIdx.x; c < c1; c += blockDim.x) {
+    A acc = bias != nullptr ? bias[c] : A(0);
+    for (int k = 0; k < n; ++k) {
+      const int64_t i = idx[b * K + k];
+      acc += val[b * K + k] * load<T, A>(W + i * d_in + c);
+    }
+    out[b * d_in + c] = store<T, A>(acc);
+  }
+}
+
+// grad_val[b, k] = W[idx[b, k]] . g[b] for k < counts[b] (0 on padding): one warp per slot.
+template <typename T, typename A>
+__global__ void slot_dot_kernel(const A* __restrict__ g, const int32_t* __restrict__ idx,
+                                const int32_t* __restrict__ counts, const T* __restrict__ W,
+                                A* __restrict__ grad_val, int64_t B, int64_t K, int64_t d_in) {
+  const int64_t slot = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const int lane = threadIdx.x % 32;
+  if (slot >= B * K) return;
+  const int64_t b = slot / K, k = slot % K;
+  A acc = 0;
+  if (k < counts[b]) {
+    const T* w = W + static_cast<int64_t>(idx[slot]) * d_in;
+    const A* gb = g + b * d_in;
+    for (int64_t c = lane; c < d_in; c += 32) acc += load<T, A>(w + c) * gb[c];
+  }
+  acc = warp_sum(acc);
+  if (lane == 0) grad_val[slot] = acc;
+}
+
+// Deterministic grouped scatter: out[f, c] = sum_{p in [ptr[f], ptr[f+1])} vals[p] * src[rows[p], c],
+// the pairs of each feature in a fixed order (the host's stable sort). One block per feature
+// (empty ones return at once); per-feature sums of up to three value arrays ride along
+// (sums[j][f] = sum_p extra_j[p]) for the bias gradients.
+template <typename A>
+__global__ void segment_scatter_kernel(const int64_t* __restrict__ ptr,
+                                       const int64_t* __restrict__ rows,
+                                       const A* __restrict__ vals, const A* __restrict__ src,
+                                       A* __restrict__ out, int64_t width,
+                                       const A* __restrict__ extra, A* __restrict__ sums,
+                                       int n_extra, int64_t n_pairs, int64_t d_sae) {
+  const int64_t f = blockIdx.x;
+  const int64_t p0 = ptr[f], p1 = ptr[f + 1];
+  for (int64_t c = threadIdx.x; c < width; c += blockDim.x) {
+    A acc = 0;
+    for (int64_t p = p0; p < p1; ++p) acc += vals[p] * src[rows[p] * width + c];
+    out[f * width + c] = acc;
+  }
+  if (threadIdx.x < n_extra) {
+    const int j = threadIdx.x;
+    A s = 0;
+    for (int64_t p = p0; p < p1; ++p) s += extra[j * n_pairs + p];
+    sums[j * d_sae + f] = s;
+  }
+}
+
+// Atomic scatter (fast, order-dependent rounding): out[idx[b, k], c] += val[b, k] * src[b, c].
+template <typename A>
+__global__ void atomic_scatter_kernel(const int32_t* __restrict__ idx, const A* __restrict__ val,
+                                      const int32_t* __restrict__ counts,
+                                      const A* __restrict__ src, A* __restrict__ out, int64_t K,
+                                      int64_t width) {
+  const int64_t b = blockIdx.x;
+  const int n = counts[b];
+  for (int k = 0; k < n; ++k) {
+    const A v = val[b * K + k];
+    A* row = out + static_cast<int64_t>(idx[b * K + k]) * width;
+    for (int64_t c = threadIdx.x; c < width; c += blockDim.x) atomicAdd(row + c, v * src[b * width + c]);
+  }
+}
+
+// The gated epilogue over one feature block [f0, f0 + F) of z (z = (x - b_dec) @ W_enc, row-
+// major [B, F]): pi = z + b_gate, gate = pi > 0, f = relu(exp(r_mag) z + b_mag). One warp per
+// row scans the block 32 features at a time; a ballot and a prefix popcount give each open gate
+// its slot, so the slots of a row come out in increasing feature order (deterministic), after
+// the row's earlier blocks (counts[b] carries the running count). Slots past `capacity` are not
+// written, but counted: the host re-runs with the true maximum.
+template <typename A>
+__global__ void epilogue_kernel(const A* __restrict__ z, int64_t B, int64_t F, int64_t f0,
+                                const A* __restrict__ b_gate, const A* __restrict__ exp_r,
+                                const A* __restrict__ b_mag, int64_t capacity,
+                                int32_t* __restrict__ idx, A* __restrict__ f_out,
+                                A* __restrict__ pi_out, int32_t* __restrict__ counts,
+                                int32_t* __restrict__ bad) {
+  const int64_t b = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const int lane = threadIdx.x % 32;
+  if (b >= B) return;
+  int64_t base = counts[b];
+  bool nonfinite = false;
+  for (int64_t j0 = 0; j0 < F; j0 += 32) {
+    const int64_t j = j0 + lane;
+    bool open = false;
+    A zz = 0, pi = 0;
+    if (j < F) {
+      zz = z[b * F + j];
+      nonfinite |= !isfinite(zz);
+      pi = zz + b_gate[f0 + j];
+      open = pi > A(0);
+    }
+    const unsigned mask = __ballot_sync(0xffffffffu, open);
+    if (open) {
+      const int64_t slot = base + __popc(mask & ((1u << lane) - 1u));
+      if (slot < capacity) {
+        const A pm = exp_r[f0 + j] * zz + b_mag[f0 + j];
+        idx[b * capacity + slot] = static_cast<int32_t>(f0 + j);
+        f_out[b * capacity + slot] = pm > A(0) ? pm : A(0);
+        pi_out[b * capacity + slot] = pi;
+      }
+    }
+    base += __popc(mask);
+  }
+  if (__any_sync(0xffffffffu, nonfinite) && lane == 0) atomicOr(bad, 1);
+  if (lane == 0) counts[b] = static_cast<int32_t>(base);
+}
+
+int blocks_for(int64_t threads, int per_block) {
+  return static_cast<int>((threads + per_block - 1) / per_block);
+}
+
+template <typename T, typename A>
+void decode_t(const int32_t* idx, const void* val, const int32_t* counts, const void* W,
+              const void* bias, void* out, int64_t B, int64_t K, int64_t d_in, cudaStream_t s) {
+  const int64_t cols = 1024;  // columns per block: enough blocks for small B, long rows in L2
+  dim3 grid(static_cast<unsigned>(B), static_cast<unsigned>((d_in + cols - 1) / cols));
+  decode_kernel<T, A><<<grid, 256, 0, s>>>(idx, static_cast<const A*>(val), counts,
+                                           static_cast<const T*>(W),
+                                           static_cast<const A*>(bias), static_cast<T*>(out), K,
+                                           d_in, cols);
+}
+
+template <typename T, typename A>
+void slot_dot_t(const void* g, const int32_t* idx, const int32_t* counts, const void* W,
+                void* grad_val, int64_t B, int64_t K, int64_t d_in, cudaStream_t s) {
+  slot_dot_kernel<T, A><<<blocks_for(B * K * 32, 256), 256, 0, s>>>(
+      static_cast<const A*>(g), idx, counts, static_cast<const T*>(W), static_cast<A*>(grad_val),
+      B, K, d_in);
+}
+
+}  // namespace
+
+#define GSAE_DISPATCH_W(dtype, ...)                                          \
+  switch (dtype) {                                                          \
+    case DType::F32: { using T = float; using A = float; __VA_ARGS__; break; }   \
+    case DType::F64: { using T = double; using A = double; __VA_ARGS__; break; } \
+    case DType::BF16: { using T = __nv_bfloat16; using A = float; __VA_ARGS__; break; } \
+    case DType::F16: { using T = __half; using A = float; __VA_ARGS__; break; }  \
+  }
+
+void launch_decode(DType dt, const int32_t* idx, const void* val, const int32_t* counts,
+                   const void* W, const void* bias, void* out, int64_t B, int64_t K,
+                   int64_t d_in, cudaStream_t s) {
+  if (B == 0 || d_in == 0) return;
+  GSAE_DISPATCH_W(dt, (decode_t<T, A>(idx, val, counts, W, bias, out, B, K, d_in, s)));
+}
+
+void launch_slot_dot(DType dt, const void* g, const int32_t* idx, const int32_t* counts,
+                     const void* W, void* grad_val, int64_t B, int64_t K, int64_t d_in,
+                     cudaStream_t s) {
+  if (B * K == 0) return;
+  GSAE_DISPATCH_W(dt, (slot_dot_t<T, A>(g, idx, counts, W, grad_val, B, K, d_in, s)));
+}
+
+void launch_segment_scatter(bool fp64, const int64_t* ptr, const int64_t* rows, const void* vals,
+                            const void* src, void* out, int64_t d_sae, int64_t width,
+                            const void* extra, void* sums, int n_extra, int64_t n_pairs,
+                            cudaStream_t s) {
+  if (d_sae == 0) return;
+  if (fp64) {
+    segment_scatter_kernel<double><<<static_cast<unsigned>(d_sae), 128, 0, s>>>(
+        ptr, rows, static_cast<const double*>(vals), static_cast<const double*>(src),
+        static_cast<double*>(out), width, static_cast<const double*>(extra),
+        static_cast<double*>(sums), n_extra, n_pairs, d_sae);
+  } else {
+    segment_scatter_kernel<float><<<static_cast<unsigned>(d_sae), 128, 0, s>>>(
+        ptr, rows, static_cast<const float*>(vals), static_cast<const float*>(src),
+        static_cast<float*>(out), width, static_cast<const float*>(extra),
+        static_cast<float*>(sums), n_extra, n_pairs, d_sae);
+  }
+}
+
+void launch_atomic_scatter(bool fp64, const int32_t* idx, const void* val, const int32_t* counts,
+                           const void* src, void* out, int64_t B, int64_t K, int64_t width,
+                           cudaStream_t s) {
+  if (B == 0) return;
+  if (fp64) {
+    atomic_scatter_kernel<double><<<static_cast<unsigned>(B), 256, 0, s>>>(
+        idx, static_cast<const double*>(val), counts, static_cast<const double*>(src),
+        static_cast<double*>(out), K, width);
+  } else {
+    atomic_scatter_kernel<float><<<static_cast<unsigned>(B), 256, 0, s>>>(
+        idx, static_cast<const float*>(val), counts, static_cast<const float*>(src),
+        static_cast<float*>(out), K, width);
+  }
+}
+
+void launch_epilogue(bool fp64, const void* z, int64_t B, int64_t F, int64_t f0,
+                     const void* b_gate, const void* exp_r, const void* b_mag, int64_t capacity,
+                     int32_t* idx, void* f, void* pi, int32_t* counts, int32_t* bad,
+                     cudaStream_t s) {
+  if (B == 0 || F == 0) return;
+  const int grid = blocks_for(B * 32, 256);
+  if (fp64) {
+    epilogue_kernel<double><<<grid, 256, 0, s>>>(
+        static_cast<const double*>(z), B, F, f0, static_cast<const double*>(b_gate),
+        static_cast<const double*>(exp_r), static_cast<const double*>(b_mag), capacity, idx,
+        static_cast<double*>(f), static_cast<double*>(pi), counts, bad);
+  } else {
+    epilogue_kernel<float><<<grid, 256, 0, s>>>(
+        static_cast<const float*>(z), B, F, f0, static_cast<const float*>(b_gate),
+        static_cast<const float*>(exp_r), static_cast<const float*>(b_mag), capacity, idx,
+        static_cast<float*>(f), static_cast<float*>(pi), counts, bad);
+  }
+}
+
+}  // namespace gsae_fast_cuda

@@ -1,0 +1,38 @@
+// Launchers of the CUDA kernels (csrc/cuda/kernels.cu): raw pointers and sizes, on a stream.
+// Accumulation-type buffers (A) are float, or double for fp64; see kernels.cu.
+#pragma once
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+namespace gsae_fast_cuda {
+
+enum class DType { F32, F64, BF16, F16 };  // the storage dtype of the weight matrices
+
+// out [B, d_in] (W's dtype) = sum over the active slots of val * W[idx] (+ bias, A).
+void launch_decode(DType dt, const int32_t* idx, const void* val, const int32_t* counts,
+                   const void* W, const void* bias, void* out, int64_t B, int64_t K,
+                   int64_t d_in, cudaStream_t s);
+// grad_val [B, K] (A) = W[idx[b, k]] . g[b] with g [B, d_in] (A); 0 on padding slots.
+void launch_slot_dot(DType dt, const void* g, const int32_t* idx, const int32_t* counts,
+                     const void* W, void* grad_val, int64_t B, int64_t K, int64_t d_in,
+                     cudaStream_t s);
+// out [d_sae, width] (A) = per feature f, sum over its pairs p (ptr[f] .. ptr[f+1], rows[p],
+// vals[p]) of vals[p] * src[rows[p]]; sums [n_extra, d_sae] = per-feature sums of the rows of
+// extra [n_extra, n_pairs]. Deterministic.
+void launch_segment_scatter(bool fp64, const int64_t* ptr, const int64_t* rows, const void* vals,
+                            const void* src, void* out, int64_t d_sae, int64_t width,
+                            const void* extra, void* sums, int n_extra, int64_t n_pairs,
+                            cudaStream_t s);
+// out [d_sae, width] (A, zeroed by the caller) += val[b, k] * src[b] at row idx[b, k]; atomics.
+void launch_atomic_scatter(bool fp64, const int32_t* idx, const void* val, const int32_t* counts,
+                           const void* src, void* out, int64_t B, int64_t K, int64_t width,
+                           cudaStream_t s);
+// The gated epilogue of one feature block of z [B, F] (A), features f0 .. f0 + F: appends the
+// open gates of each row to its slots (idx, f, pi [B, capacity]) after counts[b] earlier ones,
+// counting past capacity; bad |= 1 on a NaN/Inf z. Biases are A, exp_r = exp(r_mag).
+void launch_epilogue(bool fp64, const void* z, int64_t B, int64_t F, int64_t f0,
+                     const void* b_gate, const void* exp_r, const void* b_mag, int64_t capacity,
+                     int32_t* idx, void* f, void* pi, int32_t* counts, int32_t* bad,
+                     cudaStream_t s);
+
+}  // namespace gsae_fast_cuda

@@ -1,0 +1,268 @@
+// The "cuda" executor: host side of the four kernel ops on CUDA tensors (shape, dtype, device
+// checks; torch ops for the GEMMs, sorts and small vectors; the kernels of kernels.cu for the
+// rest). Same contract as the CPU ops (csrc/cpu) and gsae_fast/torch_executor.py.
+//
+// Fused encode, CUDA flavour: the encoder GEMM runs on cuBLAS (at::mm, fp32 output for bf16 /
+// fp16 inputs) over blocks of features small enough that a [B, block] fp32 tile stays small
+// (ENCODE_BLOCK_ELEMS), each followed by the epilogue kernel that gates and compacts the block;
+// no [B, d_sae] tensor is allocated.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAStream.h>  // (not ATen/cuda/CUDAContext.h: it needs the cuSPARSE headers)
+#include <torch/library.h>
+#include <torch/version.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <tuple>
+
+#include "cuda/kernels.h"
+
+namespace gsae_fast {
+namespace {
+
+using gsae_fast_cuda::DType;
+
+constexpr int64_t ENCODE_BLOCK_ELEMS = int64_t(1) << 24;  // z block: 64 MiB in fp32
+
+at::ScalarType acc_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+DType dtype_code(at::ScalarType t, const char* op) {
+  switch (t) {
+    case at::kFloat: return DType::F32;
+    case at::kDouble: return DType::F64;
+    case at::kBFloat16: return DType::BF16;
+    case at::kHalf: return DType::F16;
+    default: TORCH_CHECK(false, op, ": unsupported dtype ", t);
+  }
+  return DType::F32;
+}
+
+void check_cuda(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got ", t.device());
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
+}
+
+void check_launch(const char* op) {
+  const cudaError_t e = cudaGetLastError();
+  TORCH_CHECK(e == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(e));
+}
+
+void check_sparse(const at::Tensor& idx, const at::Tensor& counts, const at::Tensor& val,
+                  const char* op) {
+  TORCH_CHECK(idx.dim() == 2 && idx.scalar_type() == at::kInt, op, ": idx must be int32 [B, K]");
+  TORCH_CHECK(counts.dim() == 1 && counts.size(0) == idx.size(0) &&
+                  counts.scalar_type() == at::kInt,
+              op, ": counts must be int32 [B]");
+  TORCH_CHECK(val.sizes() == idx.sizes(), op, ": values must have idx's shape ", idx.sizes());
+}
+
+// z = a @ b in the accumulation dtype: bf16 / fp16 products accumulate and land in fp32.
+at::Tensor mm_acc(const at::Tensor& a, const at::Tensor& b) {
+  if (a.scalar_type() == at::kBFloat16 || a.scalar_type() == at::kHalf) {
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
+    return at::mm(a, b, at::kFloat);
+#else
+    return at::mm(a.to(at::kFloat), b.to(at::kFloat));
+#endif
+  }
+  return at::mm(a, b);
+}
+
+// The active (row, slot) pairs grouped by feature: ptr [d_sae + 1] (int64 offsets), the pairs'
+// flat positions b * K + k in feature order (stable: rows increasing within a feature), rows.
+struct Groups {
+  at::Tensor ptr, pos, rows;
+};
+
+Groups group_by_feature(const at::Tensor& idx, const at::Tensor& counts, int64_t d_sae) {
+  const int64_t K = idx.size(1);
+  auto mask = at::arange(K, idx.options().dtype(at::kLong)).unsqueeze(0) <
+              counts.to(at::kLong).unsqueeze(1);
+  auto pos = mask.flatten().nonzero().squeeze(1);
+  auto feats = idx.flatten().index_select(0, pos).to(at::kLong);
+  auto order = std::get<1>(feats.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false));
+  pos = pos.index_select(0, order);
+  feats = feats.index_select(0, order);
+  auto ptr = at::zeros({d_sae + 1}, idx.options().dtype(at::kLong));
+  ptr.narrow(0, 1, d_sae).copy_(at::bincount(feats, {}, d_sae).cumsum(0));
+  return {ptr, pos, at::floor_divide(pos, K)};
+}
+
+bool deterministic_scatter() {
+  if (at::globalContext().deterministicAlgorithms()) return true;
+  const char* mode = std::getenv("GSAE_FAST_SCATTER");
+  return mode == nullptr || std::strcmp(mode, "atomic") != 0;  // default: grouped, as Triton's
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_encode_cuda(
+    const at::Tensor& x, const at::Tensor& W_enc, const at::Tensor& b_dec,
+    const at::Tensor& b_gate, const at::Tensor& r_mag, const at::Tensor& b_mag,
+    int64_t capacity) {
+  const char* op = "gsae_fast_C::gated_encode (cuda)";
+  for (auto* t : {&x, &W_enc, &b_dec, &b_gate, &r_mag, &b_mag}) check_cuda(*t, op, "input");
+  TORCH_CHECK(x.dim() == 2 && W_enc.dim() == 2 && x.size(1) == W_enc.size(0), op,
+              ": x must be [B, d_in] and W_enc [d_in, d_sae]");
+  TORCH_CHECK(capacity >= 0, op, ": capacity must be >= 0");
+  const int64_t B = x.size(0), d_sae = W_enc.size(1);
+  const auto acc = acc_of(x.scalar_type());
+  const bool fp64 = acc == at::kDouble;
+  auto opts = x.options();
+  auto idx = at::zeros({B, capacity}, opts.dtype(at::kInt));
+  auto f = at::zeros({B, capacity}, opts.dtype(acc));
+  auto pi = at::zeros({B, capacity}, opts.dtype(acc));
+  auto counts = at::zeros({B}, opts.dtype(at::kInt));
+  auto bad = at::zeros({1}, opts.dtype(at::kInt));
+  // Centring folded in: z = x @ W - b_dec @ W (x read as it is; bf16 products exact in fp32).
+  auto centre = mm_acc(b_dec.unsqueeze(0), W_enc).squeeze(0);
+  auto bg = b_gate.to(acc).contiguous(), er = r_mag.to(acc).exp().contiguous(),
+       bm = b_mag.to(acc).contiguous();
+  const int64_t block = std::max<int64_t>(
+      128, std::min<int64_t>(d_sae, ENCODE_BLOCK_ELEMS / std::max<int64_t>(B, 1)) / 128 * 128);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  for (int64_t f0 = 0; f0 < d_sae && B > 0; f0 += block) {
+    const int64_t F = std::min(block, d_sae - f0);
+    auto z = mm_acc(x, W_enc.narrow(1, f0, F));
+    z.sub_(centre.narrow(0, f0, F));
+    gsae_fast_cuda::launch_epilogue(fp64, z.data_ptr(), B, F, f0, bg.data_ptr(), er.data_ptr(),
+                                    bm.data_ptr(), capacity, idx.data_ptr<int32_t>(),
+                                    f.data_ptr(), pi.data_ptr(), counts.data_ptr<int32_t>(),
+                                    bad.data_ptr<int32_t>(), stream);
+    check_launch(op);
+  }
+  auto max_count = B > 0 ? counts.max().reshape({1}) : at::zeros({1}, opts.dtype(at::kInt));
+  auto status = at::cat({max_count.to(at::kInt), bad});
+  return {f, pi, idx, counts, status};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+gated_encode_backward_cuda(const at::Tensor& x, const at::Tensor& W_enc, const at::Tensor& b_dec,
+                           const at::Tensor& b_gate, const at::Tensor& r_mag,
+                           const at::Tensor& b_mag, const at::Tensor& idx, const at::Tensor& f,
+                           const at::Tensor& pi_gate, const at::Tensor& counts,
+                           const at::Tensor& grad_f, const at::Tensor& grad_pi_gate,
+                           bool need_x) {
+  const char* op = "gsae_fast_C::gated_encode_backward (cuda)";
+  for (auto* t : {&x, &W_enc, &b_dec, &b_gate, &r_mag, &b_mag, &idx, &f, &pi_gate, &counts,
+                  &grad_f, &grad_pi_gate})
+    check_cuda(*t, op, "input");
+  check_sparse(idx, counts, f, op);
+  const int64_t B = x.size(0), d_in = x.size(1), d_sae = W_enc.size(1), K = idx.size(1);
+  const auto dt = x.scalar_type();
+  const auto acc = acc_of(dt);
+  const bool fp64 = acc == at::kDouble;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+
+  auto i = idx.to(at::kLong);
+  auto mask = at::arange(K, i.options()).unsqueeze(0) < counts.to(at::kLong).unsqueeze(1);
+  auto zero = at::zeros({}, f.options());
+  auto er = r_mag.to(acc).exp();
+  auto dpm = at::where(mask & (f > 0), grad_f, zero);       // d pre-magnitude
+  auto gp = at::where(mask, grad_pi_gate, zero);            // d pi_gate
+  auto dz = (gp + er.index_select(0, i.flatten()).view_as(f) * dpm).contiguous();
+  auto z = pi_gate - b_gate.to(acc).index_select(0, i.flatten()).view_as(f);
+
+  Groups g = group_by_feature(idx, counts, d_sae);
+  const int64_t n_pairs = g.pos.size(0);
+  auto vals = dz.flatten().index_select(0, g.pos).contiguous();
+  auto extra = at::stack({gp.flatten().index_select(0, g.pos),
+                          dpm.flatten().index_select(0, g.pos),
+                          (dpm * z).flatten().index_select(0, g.pos)})
+                   .contiguous();
+  auto xc = (x.to(acc) - b_dec.to(acc)).contiguous();
+  auto dWt = at::empty({d_sae, d_in}, x.options().dtype(acc));  // [d_sae, d_in]: coalesced rows
+  auto sums = at::empty({3, d_sae}, x.options().dtype(acc));
+  gsae_fast_cuda::launch_segment_scatter(fp64, g.ptr.data_ptr<int64_t>(),
+                                         g.rows.data_ptr<int64_t>(), vals.data_ptr(),
+                                         xc.data_ptr(), dWt.data_ptr(), d_sae, d_in,
+                                         extra.data_ptr(), sums.data_ptr(), 3, n_pairs, stream);
+  check_launch(op);
+  auto s = sums[0] + er * sums[1];  // per-feature sums of dz
+  auto db_dec = -at::mv(W_enc.to(acc), s);
+  at::Tensor dx = at::empty({0}, x.options());
+  if (need_x) {  // dx = S @ W_enc^T: a sparse decode through W_enc^T
+    auto WT = W_enc.t().contiguous();
+    dx = at::empty({B, d_in}, x.options());
+    gsae_fast_cuda::launch_decode(dtype_code(dt, op), idx.data_ptr<int32_t>(), dz.data_ptr(),
+                                  counts.data_ptr<int32_t>(), WT.data_ptr(), nullptr,
+                                  dx.data_ptr(), B, K, d_in, stream);
+    check_launch(op);
+  }
+  return {dx, dWt.t().to(dt).contiguous(), db_dec.to(dt), sums[0].to(dt),
+          (er * sums[2]).to(dt), sums[1].to(dt)};
+}
+
+at::Tensor sparse_decode_cuda(const at::Tensor& idx, const at::Tensor& val,
+                              const at::Tensor& counts, const at::Tensor& W_dec,
+                              const std::optional<at::Tensor>& bias) {
+  const char* op = "gsae_fast_C::sparse_decode (cuda)";
+  for (auto* t : {&idx, &val, &counts, &W_dec}) check_cuda(*t, op, "input");
+  check_sparse(idx, counts, val, op);
+  const auto acc = acc_of(W_dec.scalar_type());
+  TORCH_CHECK(val.scalar_type() == acc, op, ": values must be ", acc);
+  const int64_t B = idx.size(0), K = idx.size(1), d_in = W_dec.size(1);
+  at::Tensor b;
+  if (bias.has_value()) {
+    check_cuda(*bias, op, "bias");
+    b = bias->to(acc).contiguous();
+  }
+  auto out = at::empty({B, d_in}, W_dec.options());
+  gsae_fast_cuda::launch_decode(dtype_code(W_dec.scalar_type(), op), idx.data_ptr<int32_t>(),
+                                val.data_ptr(), counts.data_ptr<int32_t>(), W_dec.data_ptr(),
+                                b.defined() ? b.data_ptr() : nullptr, out.data_ptr(), B, K, d_in,
+                                c10::cuda::getCurrentCUDAStream());
+  check_launch(op);
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> sparse_decode_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& idx, const at::Tensor& val,
+    const at::Tensor& counts, const at::Tensor& W_dec, bool need_val, bool need_W_dec) {
+  const char* op = "gsae_fast_C::sparse_decode_backward (cuda)";
+  for (auto* t : {&grad_out, &idx, &val, &counts, &W_dec}) check_cuda(*t, op, "input");
+  check_sparse(idx, counts, val, op);
+  const auto acc = acc_of(W_dec.scalar_type());
+  const bool fp64 = acc == at::kDouble;
+  const int64_t B = idx.size(0), K = idx.size(1), d_sae = W_dec.size(0), d_in = W_dec.size(1);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  auto g = grad_out.to(acc).contiguous();
+  at::Tensor grad_val = at::empty({0}, val.options());
+  if (need_val) {
+    grad_val = at::empty_like(val);
+    gsae_fast_cuda::launch_slot_dot(dtype_code(W_dec.scalar_type(), op), g.data_ptr(),
+                                    idx.data_ptr<int32_t>(), counts.data_ptr<int32_t>(),
+                                    W_dec.data_ptr(), grad_val.data_ptr(), B, K, d_in, stream);
+    check_launch(op);
+  }
+  at::Tensor grad_W = at::empty({0}, W_dec.options());
+  if (need_W_dec) {
+    at::Tensor out;
+    if (deterministic_scatter()) {
+      Groups gr = group_by_feature(idx, counts, d_sae);
+      auto vals = val.flatten().index_select(0, gr.pos).contiguous();
+      out = at::empty({d_sae, d_in}, g.options());
+      gsae_fast_cuda::launch_segment_scatter(fp64, gr.ptr.data_ptr<int64_t>(),
+                                             gr.rows.data_ptr<int64_t>(), vals.data_ptr(),
+                                             g.data_ptr(), out.data_ptr(), d_sae, d_in, nullptr,
+                                             nullptr, 0, gr.pos.size(0), stream);
+    } else {
+      out = at::zeros({d_sae, d_in}, g.options());
+      gsae_fast_cuda::launch_atomic_scatter(fp64, idx.data_ptr<int32_t>(), val.data_ptr(),
+                                            counts.data_ptr<int32_t>(), g.data_ptr(),
+                                            out.data_ptr(), B, K, d_in, stream);
+    }
+    check_launch(op);
+    grad_W = out.to(W_dec.scalar_type());
+  }
+  return {grad_val, grad_W};
+}
+
+}  // namespace gsae_fast
+
+TORCH_LIBRARY_IMPL(gsae_fast_C, CUDA, m) {
+  m.impl("gated_encode", &gsae_fast::gated_encode_cuda);
+  m.impl("gated_encode_backward", &gsae_fast::gated_encode_backward_cuda);
+  m.impl("sparse_decode", &gsae_fast::sparse_decode_cuda);
+  m.impl("sparse_decode_backward", &gsae_fast::sparse_decode_backward_cuda);
+}
