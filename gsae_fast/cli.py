@@ -114,12 +114,12 @@ def demo(args) -> dict:
     data = SyntheticFeatures(syn, batch_size=args.batch_size, device=device)
     cfg = TrainConfig(d_sae=args.d_sae, l1_coefficient=args.l1_coefficient, steps=args.steps,
                       batch_size=args.batch_size, lr=args.lr, betas=(0.9, 0.999),
-                      warmup_steps=args.warmup_steps,
+                      warmup_steps=args.warmup_steps, decay_start=int(0.8 * args.steps),
                       sparsity_warmup_steps=args.sparsity_warmup_steps, backend=args.backend,
                       seed=args.seed, log_every=10, compute_dtype="float32",
                       extra={"data": "synthetic", "synthetic": vars(syn)})
     os.makedirs(args.out, exist_ok=True)
-    trainer = Trainer(cfg, syn.d_in, data, args.out, device=device)
+    trainer = Trainer(cfg, syn.d_in, data, args.out, device=device, overwrite=True)
     backend = backends.resolve(args.backend, device)
     truth = data.directions
     _say(f"gsae-fast demo: {syn.n_features} true features in {syn.d_in} dimensions "
@@ -184,12 +184,18 @@ def demo(args) -> dict:
 
 
 def _model_source(args, dtype=torch.float32):
-    """The model, its layer's activations over the texts (ModelActivations), from the flags."""
+    """The model, its layer's activations over the texts (ModelActivations), from the flags.
+    The model is loaded once per command (kept on ``args``)."""
     from . import activations as A
     if not args.data:
-        raise SystemExit("gsae-fast: --model needs --data (text files: .txt, .jsonl, or a "
-                         "directory of them)")
-    model, tokenizer = A.load_model(args.model, device=args.device)
+        raise ValueError("--model needs --data (text files: .txt, .jsonl, or a directory of "
+                         "them)")
+    if not args.layer:
+        raise ValueError("--model needs --layer (a module name of the model, or resid:N / "
+                         "mlp:N / attn:N)")
+    if getattr(args, "_loaded", None) is None:
+        args._loaded = A.load_model(args.model, device=args.device)
+    model, tokenizer = args._loaded
     paths = list(args.data)
     A.read_texts(paths)  # fail now on missing files, not mid-run
     source = A.ModelActivations(model, tokenizer, lambda: A.read_texts(paths), args.layer,
@@ -224,9 +230,12 @@ def _train_data(args, d_in_hint=None):
     if args.cache:
         from .activations import ActivationCache
         c = ActivationCache(args.cache)
+        if c.n_tokens < args.batch_size:
+            raise ValueError(f"the cache holds {c.n_tokens} activations, fewer than one batch "
+                             f"(--batch-size {args.batch_size})")
         return (c.batches(args.batch_size, seed=args.seed, epochs=None, drop_last=True,
                           device=args.device),
-                c.d_in, {"cache": str(args.cache), "n_tokens": c.n_tokens})
+                c.d_in, {"cache": os.path.abspath(args.cache), "n_tokens": c.n_tokens})
     if args.model:
         from .activations import MixingBuffer
         _, source = _model_source(args)
@@ -235,10 +244,36 @@ def _train_data(args, d_in_hint=None):
         source.rewind()
         data = MixingBuffer(source, buffer_tokens=args.buffer_tokens, batch_size=args.batch_size,
                             seed=args.seed, repeat=True)
-        return data, d_in, {"model": str(args.model), "layer": args.layer,
-                            "data": [str(p) for p in args.data]}
-    raise SystemExit("gsae-fast train: give --cache DIR (from gsae-fast cache) or --model DIR "
-                     "--data FILES --layer NAME")
+        return FullBatches(data, args.batch_size), d_in, {
+            "model": os.path.abspath(args.model), "layer": args.layer,
+            "data": [os.path.abspath(p) for p in args.data]}
+    raise ValueError("give --cache DIR (from gsae-fast cache) or --model DIR --data FILES "
+                     "--layer NAME")
+
+
+class FullBatches:
+    """The batches of a stream that are full (a mixing buffer ends each pass with a short one,
+    which would count as a whole step); resumable as the stream is."""
+
+    def __init__(self, data, batch_size: int):
+        self.data, self.batch_size = data, batch_size
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        for _ in range(1000):
+            x = next(self.data)
+            if x.shape[0] == self.batch_size:
+                return x
+        raise ValueError(f"the data yields no full batch of {self.batch_size}: lower "
+                         "--batch-size or raise --buffer-tokens")
+
+    def state_dict(self):
+        return self.data.state_dict()
+
+    def load_state_dict(self, state):
+        self.data.load_state_dict(state)
 
 
 def train(args) -> dict:
@@ -246,7 +281,8 @@ def train(args) -> dict:
     cfg_fields = {f.name for f in fields(TrainConfig)} - {"extra"}
     cfg = TrainConfig(**{k: getattr(args, k) for k in cfg_fields}, extra=described)
     cfg.betas = tuple(cfg.betas)
-    trainer = Trainer(cfg, d_in, data, args.out, device=args.device, resume=args.resume)
+    trainer = Trainer(cfg, d_in, data, args.out, device=args.device, resume=args.resume,
+                      overwrite=args.overwrite)
     bar = Progress(cfg.steps, "train", enabled=not args.quiet)
     trainer.train(progress=lambda step, total, r: bar(
         step, total, f"loss={r['loss']:.4g} mse={r['mse']:.4g} L0={r['l0']:.3g} "
@@ -259,9 +295,10 @@ def train(args) -> dict:
 
 
 def evaluate_sae(sae, args) -> dict:
-    """Metrics over --eval-tokens activations (of the cache or the model), and with a model the
-    CE loss recovered: the layer's output replaced by the SAE's reconstruction vs by zeros,
-    position 0 (the separator, left out of training) kept as it was."""
+    """Metrics over --eval-tokens activations (of the cache or the model: the training data
+    unless they point elsewhere), and with a model the CE loss recovered: the layer's output
+    replaced by the SAE's reconstruction vs by zeros, position 0 of each context (left out of
+    training: its activations are outliers) kept as it was."""
     from . import activations as A
     sae.eval()
     if args.cache:
@@ -272,7 +309,7 @@ def evaluate_sae(sae, args) -> dict:
         model, source = _model_source(args)
         batches = source
     else:
-        raise SystemExit("gsae-fast eval: give --cache DIR or --model DIR --data FILES --layer")
+        raise ValueError("give --cache DIR or --model DIR --data FILES --layer NAME")
     summary = {"metrics": metrics.evaluate(sae, batches, max_tokens=args.eval_tokens)}
     if args.model:
         model, source = _model_source(args)
@@ -299,6 +336,9 @@ def evaluate_sae(sae, args) -> dict:
         ce = summary["ce_loss"]
         _say(f"CE loss: clean {ce['clean']:.4f}, SAE spliced in {ce['with_sae']:.4f}, zero-"
              f"ablated {ce['zero_ablated']:.4f}: {100 * ce['recovered']:.1f}% recovered")
+        if ce["zero_ablated"] <= ce["clean"]:
+            _say("warning: zero-ablating this layer does not raise the loss on these texts, so "
+                 "the recovered fraction means nothing here (more --ce-contexts, another layer?)")
     return summary
 
 
@@ -315,18 +355,45 @@ def eval_command(args) -> dict:
 # -------------------------------------------------------------------------------------- parser
 
 
-def _add_train_config_flags(p: argparse.ArgumentParser, skip=()) -> None:
+TRAIN_HELP = {
+    "d_sae": "dictionary size (features)",
+    "l1_coefficient": "sparsity coefficient lambda",
+    "steps": "optimisation steps",
+    "batch_size": "tokens per step",
+    "lr": "Adam learning rate (peak)",
+    "betas": "Adam betas (dictionary_learning: 0 0.999)",
+    "warmup_steps": "linear lr warm-up from 0",
+    "decay_start": "step where the linear lr decay to 0 starts (default: no decay)",
+    "sparsity_warmup_steps": "linear warm-up of the sparsity coefficient from 0",
+    "decoder": "unit_norm: unit decoder rows, unit sparsity weights (paper); norm_penalty: "
+               "|W_dec|-weighted sparsity (SAELens)",
+    "aux": "auxiliary reconstruction through a frozen decoder (paper), the live one (SAELens), "
+           "or none",
+    "backend": "executor: auto, reference, cpu, triton, cuda",
+    "compute_dtype": "dtype of the kernels (fp32 master weights): auto = bfloat16 on CUDA",
+    "dead_after_tokens": "a feature that has not fired for this many tokens counts as dead",
+    "seed": "seed of the initialisation and the data order",
+    "log_every": "steps between log.jsonl lines",
+    "checkpoint_every": "steps between checkpoints (0: at the end only)",
+}
+TRAIN_CHOICES = {"decoder": ["unit_norm", "norm_penalty"], "aux": ["frozen", "shared", "none"],
+                 "backend": ["auto", "reference", "cpu", "triton", "cuda"],
+                 "compute_dtype": ["auto", "float32", "bfloat16", "float16", "float64"]}
+
+
+def _add_train_config_flags(p: argparse.ArgumentParser) -> None:
     for f in fields(TrainConfig):
-        if f.name in skip or f.name == "extra":
+        if f.name == "extra":
             continue
         flag = "--" + f.name.replace("_", "-")
-        default = f.default
+        kw = dict(help=TRAIN_HELP.get(f.name, "") + " (default: %(default)s)")
         if f.name == "betas":
-            p.add_argument(flag, type=float, nargs=2, default=list(default))
+            p.add_argument(flag, type=float, nargs=2, default=list(f.default), **kw)
         elif f.name == "decay_start":
-            p.add_argument(flag, type=int, default=None)
+            p.add_argument(flag, type=int, default=None, **kw)
         else:
-            p.add_argument(flag, type=type(default), default=default)
+            p.add_argument(flag, type=type(f.default), default=f.default,
+                           choices=TRAIN_CHOICES.get(f.name), **kw)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -353,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a local transformers model directory (nothing is downloaded)")
         p.add_argument("--data", nargs="+", help="text files (.txt: a document per line; "
                                                   ".jsonl: a 'text' field) or directories")
-        p.add_argument("--layer", default="resid:0",
+        p.add_argument("--layer", default=None,
                        help="module name (model.named_modules) or resid:N / mlp:N / attn:N")
         p.add_argument("--context-len", type=int, default=128)
         p.add_argument("--batch-contexts", type=int, default=8)
@@ -378,6 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mixing buffer size (from a model)")
     t.add_argument("--out", required=True)
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    t.add_argument("--overwrite", action="store_true", help="replace a run already in OUT")
     t.add_argument("--eval-tokens", type=int, default=2 ** 16)
     t.add_argument("--ce-contexts", type=int, default=32)
     t.add_argument("--device", default=device)
@@ -403,7 +471,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError) as e:  # bad input: the message, not a traceback
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError,
+            FloatingPointError) as e:  # bad input or a failed run: the message, no traceback
         print(f"gsae-fast {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -105,7 +105,9 @@ def evaluate(sae, batches, *, max_tokens: Optional[int] = None) -> dict:
     batches (up to ``max_tokens``)."""
     acc = MetricsAccumulator(sae.d_sae)
     for x in batches:
-        x = x.to(sae.W_dec.device, sae.W_dec.dtype)
+        x = x.to(sae.W_dec.device, sae.W_dec.dtype).reshape(-1, sae.d_in)
+        if max_tokens is not None:
+            x = x[:max_tokens - acc.n_tokens]
         acts = sae.encode_sparse(x)
         acc.add(x, sae.decode(acts), acts)
         if max_tokens is not None and acc.n_tokens >= max_tokens:

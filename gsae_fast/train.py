@@ -1,9 +1,11 @@
 """Training a Gated SAE on the fast ops: the recipe of the paper and of dictionary_learning's
 ``GatedSAETrainer``.
 
-- Adam (``betas=(0.0, 0.999)`` as dictionary_learning), learning rate warmed up linearly over
-  ``warmup_steps`` and decayed linearly to 0 from ``decay_start`` (default: 80% of the steps);
-  the sparsity coefficient warmed up linearly over ``sparsity_warmup_steps``.
+- Adam (``betas=(0.0, 0.999)`` as dictionary_learning), the learning rate and sparsity
+  schedules of dictionary_learning's ``get_lr_schedule`` / ``get_sparsity_warmup_fn``: lr scale
+  ``step / warmup_steps`` during the warm-up, then 1, then (with ``decay_start``) linear decay
+  ``(steps - step) / (steps - decay_start)``; sparsity scale ``min(step / sparsity_warmup_steps,
+  1)``.
 - ``decoder="unit_norm"`` (the paper, dictionary_learning's ``ConstrainedAdam``): the gradient's
   component along each decoder row is removed before the step and the rows are renormalised
   after it, with the unit sparsity weights; ``decoder="norm_penalty"`` (SAELens): free rows and
@@ -12,7 +14,8 @@
   on bf16 copies of the fp32 master parameters (the casts are differentiable, so the gradients
   and Adam stay fp32); autocast would not reach the custom ops.
 - Dead features: tokens since each feature last fired; dead after ``dead_after_tokens``.
-- Logs one JSON line per ``log_every`` steps (``log.jsonl``); checkpoints (``checkpoint.pt``:
+- Logs one JSON line per ``log_every`` steps (``log.jsonl``; with bf16 compute the logged
+  losses are the bf16 ones); checkpoints (``checkpoint.pt``:
   parameters, Adam state, step, dead-feature counters, RNG states and the data stream's
   position) every ``checkpoint_every`` steps and at the end; ``resume=True`` continues from one
   exactly (the same loss curve as an uninterrupted run).
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
@@ -42,7 +46,7 @@ class TrainConfig:
     lr: float = 5e-5
     betas: tuple = (0.0, 0.999)
     warmup_steps: int = 100
-    decay_start: Optional[int] = None  # None: 80% of steps
+    decay_start: Optional[int] = None  # None: no decay (dictionary_learning's default)
     sparsity_warmup_steps: int = 200
     decoder: str = "unit_norm"
     aux: str = "frozen"
@@ -51,7 +55,7 @@ class TrainConfig:
     dead_after_tokens: int = 10_000_000
     seed: int = 0
     log_every: int = 10
-    checkpoint_every: int = 0  # 0: at the end only
+    checkpoint_every: int = 1000  # 0: at the end only
     extra: dict = field(default_factory=dict)  # free-form (data description, for the record)
 
     def check(self) -> None:
@@ -60,20 +64,27 @@ class TrainConfig:
         for name in ("d_sae", "steps", "batch_size", "log_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        # dictionary_learning's checks (trainers/trainer.py)
         if not 0 <= self.warmup_steps < self.steps:
             raise ValueError(f"warmup_steps must be in [0, steps={self.steps}), got "
                              f"{self.warmup_steps}")
-        if self.decay_start is not None and not self.warmup_steps <= self.decay_start < self.steps:
-            raise ValueError(f"decay_start must be in [warmup_steps, steps), got {self.decay_start}")
+        if not 0 <= self.sparsity_warmup_steps < self.steps:
+            raise ValueError(f"sparsity_warmup_steps must be in [0, steps={self.steps}), got "
+                             f"{self.sparsity_warmup_steps}")
+        if self.decay_start is not None and not (
+                max(self.warmup_steps, self.sparsity_warmup_steps) < self.decay_start < self.steps):
+            raise ValueError(f"decay_start must be after warmup_steps and sparsity_warmup_steps "
+                             f"and before steps={self.steps}, got {self.decay_start}")
+        if self.checkpoint_every < 0:
+            raise ValueError("checkpoint_every must be >= 0")
         if self.lr <= 0 or self.l1_coefficient < 0:
             raise ValueError("lr must be > 0 and l1_coefficient >= 0")
 
     def lr_scale(self, step: int) -> float:
         if step < self.warmup_steps:
-            return (step + 1) / (self.warmup_steps + 1)
-        decay = int(0.8 * self.steps) if self.decay_start is None else self.decay_start
-        if step >= decay:
-            return (self.steps - step) / (self.steps - decay)
+            return step / self.warmup_steps
+        if self.decay_start is not None and step >= self.decay_start:
+            return (self.steps - step) / (self.steps - self.decay_start)
         return 1.0
 
     def sparsity_scale(self, step: int) -> float:
@@ -89,16 +100,27 @@ def _compute_dtype(name: str, device: torch.device) -> torch.dtype:
     return dtype
 
 
+def _logged_step(line: str) -> float:
+    """The step of a log line; a line torn by a kill mid-write counts as past any checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError):
+        return float("inf")
+
+
 class Trainer:
     """Trains a :class:`GatedSAE` on ``data`` (an iterator of ``[tokens, d_in]`` batches; with
     ``state_dict`` / ``load_state_dict`` for exact resumption).
 
     ``out_dir`` receives ``log.jsonl``, ``checkpoint.pt`` and, at the end, ``sae/`` (SAELens
-    format, :meth:`GatedSAE.load`) and ``summary.json``.
+    format, :meth:`GatedSAE.load`). A directory that already holds a run is continued with
+    ``resume=True``, replaced with ``overwrite=True``, and otherwise refused (never mixed).
     """
 
+    RUN_FILES = ("checkpoint.pt", "log.jsonl", "sae", "summary.json")
+
     def __init__(self, cfg: TrainConfig, d_in: int, data, out_dir: Optional[str] = None, *,
-                 device="cpu", resume: bool = False):
+                 device="cpu", resume: bool = False, overwrite: bool = False):
         cfg.check()
         self.cfg, self.data, self.out_dir = cfg, data, out_dir
         self.device = torch.device(device)
@@ -118,8 +140,14 @@ class Trainer:
                 raise FileNotFoundError(f"resume=True but there is no checkpoint at "
                                         f"{self.checkpoint_path if out_dir else '(no out_dir)'}")
             self.load_checkpoint(self.checkpoint_path)
-        elif out_dir is not None and os.path.exists(os.path.join(out_dir, "log.jsonl")):
-            os.remove(os.path.join(out_dir, "log.jsonl"))  # a fresh run starts a fresh log
+        elif out_dir is not None:
+            found = [n for n in self.RUN_FILES if os.path.exists(os.path.join(out_dir, n))]
+            if found and not overwrite:
+                raise FileExistsError(f"{out_dir} already holds a run ({', '.join(found)}): "
+                                      "resume it (--resume) or start over (--overwrite)")
+            for name in found:
+                path = os.path.join(out_dir, name)
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
     @property
     def checkpoint_path(self) -> str:
@@ -234,7 +262,8 @@ class Trainer:
         os.replace(tmp, path)  # a kill mid-write leaves the previous checkpoint intact
 
     def load_checkpoint(self, path: str) -> None:
-        state = torch.load(path, map_location=self.device, weights_only=False)
+        # On the CPU: the RNG states must stay CPU byte tensors (load_state_dict moves the rest).
+        state = torch.load(path, map_location="cpu", weights_only=False)
         mine = asdict(self.cfg)
         theirs = dict(state["config"])
         theirs["betas"] = tuple(theirs["betas"])
@@ -260,6 +289,6 @@ class Trainer:
             log = os.path.join(self.out_dir, "log.jsonl")
             if os.path.exists(log):
                 with open(log) as f:
-                    keep = [line for line in f if json.loads(line)["step"] <= self.step]
+                    keep = [line for line in f if _logged_step(line) <= self.step]
                 with open(log, "w") as f:
                     f.writelines(keep)

@@ -90,11 +90,23 @@ def test_bad_input_gets_a_clear_error(tiny, tmp_path, capsys):
     assert "transformer.h.7" in capsys.readouterr().err
     (tmp_path / "empty.txt").write_text("\n\n")
     assert cli.main(["cache", "--model", str(tiny / "model"), "--data",
-                     str(tmp_path / "empty.txt"), "--context-len", "32", "--out",
-                     str(tmp_path / "y"), "--quiet"]) == 2
+                     str(tmp_path / "empty.txt"), "--layer", "resid:0", "--context-len", "32",
+                     "--out", str(tmp_path / "y"), "--quiet"]) == 2
     assert "empty" in capsys.readouterr().err.lower()
-    run("cache", "--model", tiny / "model", "--data", tiny / "texts.txt", "--context-len", 32,
-        "--max-tokens", 500, "--out", tmp_path / "acts", "--quiet")
+    assert cli.main(["cache", "--model", str(tiny / "model"), "--data",
+                     str(tiny / "texts.txt"), "--out", str(tmp_path / "z"), "--quiet"]) == 2
+    assert "--layer" in capsys.readouterr().err
+    run("cache", "--model", tiny / "model", "--data", tiny / "texts.txt", "--layer", "resid:0",
+        "--context-len", 32, "--max-tokens", 500, "--out", tmp_path / "acts", "--quiet")
+    train = ["train", "--cache", str(tmp_path / "acts"), "--d-sae", "16", "--steps", "3",
+             "--warmup-steps", "1", "--sparsity-warmup-steps", "1", "--quiet"]
+    assert cli.main(train + ["--out", str(tmp_path / "r"), "--batch-size", "1024"]) == 2
+    assert "fewer than one batch" in capsys.readouterr().err
+    run(*train, "--out", tmp_path / "r", "--batch-size", 100, "--eval-tokens", 100)
+    assert cli.main(train + ["--out", str(tmp_path / "r"), "--batch-size", "100"]) == 2
+    assert "--resume" in capsys.readouterr().err  # a second run into the same folder
+    run(*train, "--out", tmp_path / "r", "--batch-size", 100, "--eval-tokens", 100,
+        "--overwrite")
     from gsae_fast import GatedSAE
     GatedSAE(16, 32).save_pretrained(tmp_path / "narrow")
     assert cli.main(["eval", str(tmp_path / "narrow"), "--cache", str(tmp_path / "acts")]) == 2

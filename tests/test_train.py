@@ -9,6 +9,7 @@ import torch
 from gsae_fast import cli, metrics
 from gsae_fast.synthetic import SyntheticConfig, SyntheticFeatures, feature_recovery
 from gsae_fast.train import TrainConfig, Trainer
+from test_peers import dictlearn  # noqa: F401  (fixture)
 
 SMALL = SyntheticConfig(d_in=16, n_features=40, target_l0=4)
 
@@ -105,12 +106,58 @@ def small_config(**kw):
     return TrainConfig(**base)
 
 
-def test_lr_and_sparsity_schedules():
-    cfg = small_config(steps=100, warmup_steps=10, sparsity_warmup_steps=20, decay_start=60)
-    assert cfg.lr_scale(0) < cfg.lr_scale(9) < 1 == cfg.lr_scale(10) == cfg.lr_scale(59)
-    assert cfg.lr_scale(80) == pytest.approx(0.5) and cfg.lr_scale(99) == pytest.approx(0.025)
-    assert cfg.sparsity_scale(0) == 0 and cfg.sparsity_scale(10) == 0.5
-    assert cfg.sparsity_scale(50) == 1
+def test_schedules_are_dictionary_learnings(dictlearn):
+    from dictionary_learning.trainers.trainer import get_lr_schedule, get_sparsity_warmup_fn
+    for decay in (None, 60):
+        cfg = small_config(steps=100, warmup_steps=10, sparsity_warmup_steps=20,
+                           decay_start=decay)
+        lr = get_lr_schedule(100, 10, decay, sparsity_warmup_steps=20)
+        sp = get_sparsity_warmup_fn(100, 20)
+        assert [cfg.lr_scale(s) for s in range(100)] == [lr(s) for s in range(100)]
+        assert [cfg.sparsity_scale(s) for s in range(100)] == [sp(s) for s in range(100)]
+    with pytest.raises(ValueError, match="decay_start"):
+        small_config(steps=100, warmup_steps=10, sparsity_warmup_steps=20, decay_start=15).check()
+    with pytest.raises(ValueError, match="sparsity_warmup_steps"):
+        small_config(sparsity_warmup_steps=-5).check()
+
+
+def test_unit_norm_step_removes_the_radial_gradient(monkeypatch):
+    """What the optimiser sees: the decoder gradient orthogonal to each row (ConstrainedAdam)."""
+    data = SyntheticFeatures(SMALL, batch_size=64)
+    tr = Trainer(small_config(steps=4), 16, data)
+    seen = []
+    step = tr.opt.step
+
+    def spy(*a, **k):
+        W, g = tr.sae.W_dec.detach(), tr.sae.W_dec.grad
+        seen.append(((g * W).sum(1).abs().max() / g.norm(dim=1).max()).item())
+        return step(*a, **k)
+
+    monkeypatch.setattr(tr.opt, "step", spy)
+    tr.train()
+    assert len(seen) == 4 and max(seen) < 1e-5
+
+
+def test_dead_feature_accounting():
+    """A feature whose gate never opens is dead after dead_after_tokens; the others are not."""
+    data = SyntheticFeatures(SMALL, batch_size=64)
+    tr = Trainer(small_config(steps=6, lr=1e-9, dead_after_tokens=128), 16, data)
+    with torch.no_grad():
+        tr.sae.b_gate[:5] = -1e6  # closed for good
+        tr.sae.b_gate[5:] = 1e6   # always open
+    records = tr.train()
+    assert tr.since_fired[:5].tolist() == [6 * 64] * 5 and tr.since_fired[5:].eq(0).all()
+    assert records[0]["dead_fraction"] == 0
+    assert records[-1]["dead_fraction"] == pytest.approx(5 / 48)
+
+
+def test_bf16_compute_keeps_fp32_masters():
+    data = SyntheticFeatures(SMALL, batch_size=64)
+    tr = Trainer(small_config(steps=20, compute_dtype="bfloat16"), 16, data)
+    records = tr.train()
+    assert all(p.dtype == torch.float32 for p in tr.sae.parameters())
+    assert all(s["exp_avg"].dtype == torch.float32 for s in tr.opt.state.values())
+    assert records[-1]["mse"] < 0.5 * records[0]["mse"]
 
 
 @pytest.mark.parametrize("decoder", ["unit_norm", "norm_penalty"])
@@ -167,6 +214,12 @@ def test_trainer_errors(tmp_path):
     with pytest.raises(RuntimeError, match="ran out"):
         tr.train()
     Trainer(small_config(), 16, SyntheticFeatures(SMALL), str(tmp_path / "c")).train()
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        Trainer(small_config(), 16, SyntheticFeatures(SMALL), str(tmp_path / "c"))
+    with open(tmp_path / "c" / "log.jsonl", "a") as f:
+        f.write('{"step": 9, "lo')  # a line torn by a kill mid-write
+    Trainer(small_config(), 16, SyntheticFeatures(SMALL), str(tmp_path / "c"), resume=True)
+    assert open(tmp_path / "c" / "log.jsonl").read().count("\n") == 8
     with pytest.raises(ValueError, match="different configuration"):
         Trainer(small_config(lr=1e-2), 16, SyntheticFeatures(SMALL), str(tmp_path / "c"),
                 resume=True)
@@ -176,15 +229,15 @@ def test_trainer_errors(tmp_path):
 
 
 def test_demo_recovers_the_true_features(tmp_path, capsys):
-    """600 steps (the demo runs 1500): the mean max cosine similarity reached 0.81, 0.80 and
-    0.82 with seeds 0, 1 and 2 (the untrained decoder scores 0.36); 0.75 leaves room for
-    float differences between machines while failing a run that learns nothing."""
+    """600 steps (the demo runs 1500): the mean max cosine similarity reached 0.80, 0.78 and
+    0.79 with seeds 0, 1 and 2 (the untrained decoder scores 0.36); 0.7 leaves room for float
+    differences between machines while failing a run that learns little."""
     summary = cli.main(["demo", "--out", str(tmp_path), "--quiet", "--steps", "600",
                         "--sparsity-warmup-steps", "60", "--time-d-in", "32",
                         "--time-d-sae", "512"])
     assert summary == 0
     out = json.loads((tmp_path / "summary.json").read_text())
-    assert out["mean_max_cosine_similarity"] > 0.75
+    assert out["mean_max_cosine_similarity"] > 0.7
     assert out["metrics"]["fve"] > 0.8
     assert 0.9 < out["metrics"]["relative_reconstruction_bias"] < 1.1
     assert set(out["step_ms"]) == {out["executor"], "reference"}
