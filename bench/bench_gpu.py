@@ -1,23 +1,24 @@
-"""GPU benchmark of the Triton executor, side by side in one run, at stated L0s (issue 4).
+"""GPU benchmark of the GPU executors ("triton" and "cuda"), side by side in one run, at stated L0s.
 
-Sections, per dtype (fp32, bf16) and L0, on one set of parameters and one batch:
+Every executor that is available on the device is measured on the same parameters and batch and
+reported in the same tables, one row per (dtype, L0, executor), each with its ratio to the
+roofline and to the reference. Sections, per dtype (fp32, bf16) and L0:
   encode  the fused gated encode (op = the whole ops.gated_encode call with its host sync;
-          kernel = the executor call: GEMV + GEMM/epilogue kernel + row sort) against one cuBLAS
-          GEMM ``x @ W_enc`` of the same shape and dtype (goal: op <= 1.15x the GEMM) and
-          against the dense reference encode
+          kernel = the executor call alone) against one cuBLAS GEMM ``x @ W_enc`` of the same
+          shape and dtype (goal: op <= 1.15x the GEMM) and against the dense reference encode
   decode  sparse decode forward + backward (grad values and grad W_dec; both scatters) against
           the dense decode (dense acts @ W_dec, forward + backward) and against the measured copy
           bandwidth: effective bandwidth = bytes the sparse forward must move / its time (goal:
           >= 70% of a device-to-device copy)
-  step    a training step (zero_grad + loss + backward + fused Adam) of gsae_fast (triton),
-          of the dense reference and of SAELens' GatedTrainingSAE when installed (goal: triton
-          >= 4x faster than the reference), with the peak memory allocated during the step
+  step    a training step (zero_grad + loss + backward + fused Adam) of each executor, of the
+          dense reference and of SAELens' GatedTrainingSAE when installed (goal: >= 4x faster
+          than the reference), with the peak memory allocated during the step
 Adam runs with lr=1e-9 so L0 stays where the row says across repeats.
 
     python bench/bench_gpu.py            # full: B=4096, d_in=2304, d_sae=65536, L0 32 and 128,
                                          # fp32 and bf16 -> bench/results/gpu_<device>.{md,json}
     python bench/bench_gpu.py --smoke    # tiny shapes, prints only; on CPU it runs the Triton
-                                         # interpreter (TRITON_INTERPRET=1) to test the script
+                                         # interpreter (TRITON_INTERPRET=1), without cuda rows
 """
 from __future__ import annotations
 
@@ -41,11 +42,13 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import gsae_fast  # noqa: E402
-from gsae_fast import SparseActs, ops, reference  # noqa: E402
+from gsae_fast import SparseActs, backends, ops, reference  # noqa: E402
 from bench_step import make_step, peers  # noqa: E402
 
 FULL = (4096, 2304, 65536)
 SMOKE = (64, 32, 256)
+EXECUTORS = ("triton", "cuda")
+SCATTER_MODES = ("grouped", "atomic")
 
 
 def timeit(fn, repeats, warmup=2):
@@ -83,11 +86,25 @@ def copy_bandwidth_gbs(device, repeats):
     return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
 
 
+def set_scatter(be, mode):
+    """Pick how grad W_dec is scattered ("grouped" or "atomic"); returns the previous mode.
+    Triton: kernels.set_scatter; cuda: GSAE_FAST_SCATTER, read by the C++ at each call."""
+    if be == "triton":
+        from gsae_fast import kernels
+        before = kernels.scatter_mode()
+        kernels.set_scatter(mode)
+        return before
+    before = os.environ.pop("GSAE_FAST_SCATTER", None)
+    if mode is not None:
+        os.environ["GSAE_FAST_SCATTER"] = mode
+    return before
+
+
 def make_case(shape, dtype, l0, device):
     B, d_in, d_sae = shape
     torch.manual_seed(0)
     x = torch.randn(B, d_in, device=device, dtype=dtype)
-    sae = gsae_fast.GatedSAE(d_in, d_sae, backend="triton", device=device, dtype=dtype)
+    sae = gsae_fast.GatedSAE(d_in, d_sae, backend="reference", device=device, dtype=dtype)
     with torch.no_grad():  # one b_gate for all features: mean L0 of the batch = l0 (fp32 z)
         z = ((x.float() - sae.b_dec.float()) @ sae.W_enc.float()).flatten()
         k = max(1, int(round(l0 * B)))
@@ -95,108 +112,132 @@ def make_case(shape, dtype, l0, device):
     return x, sae
 
 
-def bench_encode(x, sae, repeats):
+def bench_encode(x, sae, exes, repeats):
+    """Shared columns (GEMM, reference) once, then one dict per executor; and the acts."""
     p = [getattr(sae, k).detach() for k in ("W_enc", "b_dec", "b_gate", "r_mag", "b_mag")]
-    acts = ops.gated_encode(x, *p, backend="triton")
+    acts = ops.gated_encode(x, *p, backend=exes[0])
     cap = ops.next_capacity(acts.max_count, sae.d_sae)
-    from gsae_fast import kernels
-    row = {"l0": round(acts.l0().item(), 1), "max_count": acts.max_count, "capacity": cap}
+    acts = ops.gated_encode(x, *p, capacity=cap, backend=exes[0])
     W = p[0]
-    row["gemm_ms"] = timeit(lambda: x @ W, repeats)
-    row["encode_op_ms"] = timeit(lambda: ops.gated_encode(x, *p, capacity=cap, backend="triton"),
-                                 repeats)
-    row["encode_kernel_ms"] = timeit(lambda: kernels.gated_encode(x, *p, cap), repeats)
-    row["reference_encode_ms"] = timeit(lambda: reference.encode(x, *p), repeats)
-    row["encode_op_over_gemm"] = row["encode_op_ms"] / row["gemm_ms"]
-    row["encode_mem_mb"] = peak_mb(lambda: ops.gated_encode(x, *p, capacity=cap, backend="triton"))
-    row["reference_encode_mem_mb"] = peak_mb(lambda: reference.encode(x, *p))
-    return row, ops.gated_encode(x, *p, capacity=cap, backend="triton")
+    shared = {"l0": round(acts.l0().item(), 1), "max_count": acts.max_count, "capacity": cap,
+              "gemm_ms": timeit(lambda: x @ W, repeats),
+              "reference_encode_ms": timeit(lambda: reference.encode(x, *p), repeats),
+              "reference_encode_mem_mb": peak_mb(lambda: reference.encode(x, *p))}
+    per = {}
+    for be in exes:
+        op = lambda be=be: ops.gated_encode(x, *p, capacity=cap, backend=be)  # noqa: E731
+        kernel = backends.executor(be).gated_encode
+        r = {"encode_op_ms": timeit(op, repeats),
+             "encode_kernel_ms": timeit(lambda: kernel(x, *p, cap), repeats),
+             "encode_mem_mb": peak_mb(op)}
+        r["encode_op_over_gemm"] = r["encode_op_ms"] / shared["gemm_ms"]
+        r["encode_speedup_vs_reference"] = shared["reference_encode_ms"] / r["encode_op_ms"]
+        per[be] = r
+    return shared, per, acts
 
 
-def bench_decode(acts, sae, repeats, copy_gbs):
-    from gsae_fast import kernels
+def bench_decode(acts, sae, exes, repeats, copy_gbs):
     W = sae.W_dec.detach().clone().requires_grad_()
     b = sae.b_dec.detach()
     val = acts.f.detach().clone().requires_grad_()
     a = SparseActs(acts.idx, val, acts.pi_gate, acts.counts, acts.d_sae)
     g = torch.randn(acts.counts.shape[0], W.shape[1], device=W.device, dtype=W.dtype)
-    row = {}
-    row["decode_fwd_ms"] = timeit(lambda: ops.sparse_decode(a, W, b, backend="triton"), repeats)
     B, d_in = g.shape
     pairs = acts.counts.sum().item()
     nbytes = pairs * d_in * W.element_size() + B * d_in * W.element_size() + B * acts.capacity * 8
-    row["decode_fwd_gbs"] = nbytes / (row["decode_fwd_ms"] * 1e-3) / 1e9
-    row["decode_fwd_of_copy_bw"] = row["decode_fwd_gbs"] / copy_gbs
-
-    def fwd_bwd():
-        W.grad = val.grad = None
-        (ops.sparse_decode(a, W, b, backend="triton") * g).sum().backward()
-
-    before = kernels.scatter_mode()
-    for mode in kernels.SCATTER_MODES:
-        kernels.set_scatter(mode)
-        row[f"decode_fwd_bwd_{mode}_ms"] = timeit(fwd_bwd, repeats)
-    kernels.set_scatter(before)
     dense = acts.to_dense(W.dtype).requires_grad_()
 
     def dense_fwd_bwd():
         W.grad = dense.grad = None
         ((dense @ W + b) * g).sum().backward()
 
-    row["dense_decode_fwd_bwd_ms"] = timeit(dense_fwd_bwd, repeats)
-    return row
+    shared = {"dense_decode_fwd_bwd_ms": timeit(dense_fwd_bwd, repeats)}
+    per = {}
+    for be in exes:
+        def fwd_bwd(be=be):
+            W.grad = val.grad = None
+            (ops.sparse_decode(a, W, b, backend=be) * g).sum().backward()
+
+        r = {"decode_fwd_ms": timeit(lambda: ops.sparse_decode(a, W, b, backend=be), repeats)}
+        r["decode_fwd_gbs"] = nbytes / (r["decode_fwd_ms"] * 1e-3) / 1e9
+        r["decode_fwd_of_copy_bw"] = r["decode_fwd_gbs"] / copy_gbs
+        for mode in SCATTER_MODES:
+            before = set_scatter(be, mode)
+            try:
+                r[f"decode_fwd_bwd_{mode}_ms"] = timeit(fwd_bwd, repeats)
+            finally:
+                set_scatter(be, before)
+        r["decode_speedup_vs_dense"] = (shared["dense_decode_fwd_bwd_ms"]
+                                        / r["decode_fwd_bwd_grouped_ms"])
+        per[be] = r
+    return shared, per
 
 
-def bench_step(x, sae, repeats, with_peers, l1=1e-3):
-    ref = gsae_fast.GatedSAE(sae.d_in, sae.d_sae, backend="reference", device=x.device,
-                             dtype=x.dtype)
-    ref.load_state_dict(sae.state_dict())
-    row = {}
-    steps = {}
-    opt = torch.optim.Adam(sae.parameters(), lr=1e-9, fused=True)
-    steps["triton"] = make_step(sae, lambda: sae.loss(x, l1).loss, opt)
-    ref_opt = torch.optim.Adam(ref.parameters(), lr=1e-9, fused=True)
-    steps["reference"] = make_step(ref, lambda: ref.loss(x, l1).loss, ref_opt)
+def bench_step(x, sae, exes, repeats, gemm_ms, with_peers, l1=1e-3):
+    def clone(backend):
+        m = gsae_fast.GatedSAE(sae.d_in, sae.d_sae, backend=backend, device=x.device,
+                               dtype=x.dtype)
+        m.load_state_dict(sae.state_dict())
+        return m
+
+    def measure(module, loss):
+        step = make_step(module, loss, torch.optim.Adam(module.parameters(), lr=1e-9, fused=True))
+        return {"step_ms": timeit(step, repeats), "step_mem_mb": peak_mb(step)}
+
+    ref = clone("reference")
+    r = measure(ref, lambda: ref.loss(x, l1).loss)
+    shared = {"step_reference_ms": r["step_ms"], "step_reference_mem_mb": r["step_mem_mb"]}
+    del ref
     if with_peers:
         for name, (module, loss) in peers(sae, x, l1).items():
             if name == "sae_lens":
-                popt = torch.optim.Adam(module.parameters(), lr=1e-9, fused=True)
-                steps[name] = make_step(module, loss, popt)
-    for name, step in steps.items():
-        row[f"step_{name}_ms"] = timeit(step, repeats)
-        row[f"step_{name}_mem_mb"] = peak_mb(step)
-    row["step_speedup_vs_reference"] = row["step_reference_ms"] / row["step_triton_ms"]
-    return row
+                r = measure(module, loss)
+                shared.update(step_sae_lens_ms=r["step_ms"], step_sae_lens_mem_mb=r["step_mem_mb"])
+    per = {}
+    for be in exes:
+        m = clone(be)
+        r = measure(m, lambda m=m: m.loss(x, l1).loss)
+        r["step_over_gemm"] = r["step_ms"] / gemm_ms
+        r["step_speedup_vs_reference"] = shared["step_reference_ms"] / r["step_ms"]
+        per[be] = r
+        del m
+    return shared, per
+
+
+SECTIONS = [
+    ("Fused encode vs one cuBLAS GEMM of the same shape (goal: op / gemm <= 1.15)",
+     ["dtype", "l0", "executor", "capacity", "gemm_ms", "encode_op_ms", "encode_kernel_ms",
+      "encode_op_over_gemm", "reference_encode_ms", "encode_speedup_vs_reference",
+      "encode_mem_mb", "reference_encode_mem_mb"]),
+    ("Sparse decode (goal: forward >= 70% of copy bandwidth)",
+     ["dtype", "l0", "executor", "decode_fwd_ms", "decode_fwd_gbs", "decode_fwd_of_copy_bw",
+      "decode_fwd_bwd_grouped_ms", "decode_fwd_bwd_atomic_ms", "dense_decode_fwd_bwd_ms",
+      "decode_speedup_vs_dense"]),
+    ("Training step (goal: >= 4x faster than the reference)",
+     ["dtype", "l0", "executor", "step_ms", "gemm_ms", "step_over_gemm", "step_reference_ms",
+      "step_speedup_vs_reference", "step_sae_lens_ms", "step_mem_mb", "step_reference_mem_mb",
+      "step_sae_lens_mem_mb"]),
+]
+
+
+def cell(v):
+    if isinstance(v, float):
+        return f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
+    return "" if v is None else str(v)
 
 
 def markdown(rows, meta):
-    out = [f"# Triton executor on {meta['device']}", "",
+    out = [f"# GPU executors ({', '.join(meta['executors'])}) on {meta['device']}", "",
            f"{meta['date']}, commit {meta['commit']}, torch {meta['torch']}, triton "
            f"{meta['triton']}; median of {meta['repeats']} after 2 warm-ups; measured copy "
-           f"bandwidth {meta['copy_gbs']:.0f} GB/s.", ""]
-    sections = [
-        ("Fused encode vs one cuBLAS GEMM of the same shape (goal: op / gemm <= 1.15)",
-         ["dtype", "l0", "capacity", "gemm_ms", "encode_op_ms", "encode_kernel_ms",
-          "encode_op_over_gemm", "reference_encode_ms", "encode_mem_mb",
-          "reference_encode_mem_mb"]),
-        ("Sparse decode (goal: forward >= 70% of copy bandwidth)",
-         ["dtype", "l0", "decode_fwd_ms", "decode_fwd_gbs", "decode_fwd_of_copy_bw",
-          "decode_fwd_bwd_grouped_ms", "decode_fwd_bwd_atomic_ms", "dense_decode_fwd_bwd_ms"]),
-        ("Training step (goal: >= 4x faster than the reference)",
-         ["dtype", "l0", "step_triton_ms", "step_reference_ms", "step_sae_lens_ms",
-          "step_speedup_vs_reference", "step_triton_mem_mb", "step_reference_mem_mb",
-          "step_sae_lens_mem_mb"]),
-    ]
-    for title, cols in sections:
-        out += [f"## {title}", "", "B, d_in, d_sae = " + ", ".join(map(str, meta["shape"])), "",
-                "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-        for r in rows:
-            out.append("| " + " | ".join(
-                (f"{r[c]:.3f}" if isinstance(r.get(c), float) and abs(r[c]) < 10 else
-                 f"{r[c]:.1f}" if isinstance(r.get(c), float) else str(r.get(c, "")))
-                for c in cols) + " |")
-        out.append("")
-    return "\n".join(out)
+           f"bandwidth {meta['copy_gbs']:.0f} GB/s. One row per executor; ratios: *_over_gemm "
+           "= time / cuBLAS GEMM of the encoder's shape, *_speedup_vs_* = other / this.", ""]
+    out += [f"Not measured: {be} executor ({why})." for be, why in meta["missing"].items()]
+    for title, cols in SECTIONS:
+        out += ["", f"## {title}", "", "B, d_in, d_sae = " + ", ".join(map(str, meta["shape"])),
+                "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        out += ["| " + " | ".join(cell(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(out) + "\n"
 
 
 def main():
@@ -207,9 +248,10 @@ def main():
     ap.add_argument("--out", default=None, help="results folder (default bench/results)")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if "triton" not in gsae_fast.available_backends(device):
-        sys.exit(f"bench_gpu: the Triton executor cannot run on {device} "
-                 f"({gsae_fast.backends.why_unavailable('triton', torch.device(device))})")
+    why = {be: backends.why_unavailable(be, torch.device(device)) for be in EXECUTORS}
+    exes = [be for be in EXECUTORS if why[be] is None]
+    if not exes:
+        sys.exit(f"bench_gpu: no GPU executor can run on {device}: {why}")
     shape = SMOKE if args.smoke else FULL
     repeats = args.repeats or (1 if args.smoke else 10)
     cases = [(dt, l0) for dt in (torch.float32, torch.bfloat16) for l0 in
@@ -218,24 +260,36 @@ def main():
         cases = cases[:1]
     commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"],
                             capture_output=True, text=True).stdout.strip() or "unknown"
-    import triton
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
     copy_gbs = copy_bandwidth_gbs(device, repeats)
     meta = {"date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "commit": commit,
-            "torch": torch.__version__, "triton": triton.__version__, "repeats": repeats,
+            "torch": torch.__version__, "triton": triton_version, "repeats": repeats,
             "device": torch.cuda.get_device_name() if device == "cuda" else "CPU (interpreter)",
-            "shape": shape, "copy_gbs": copy_gbs}
+            "shape": shape, "copy_gbs": copy_gbs, "executors": exes,
+            "missing": {be: r for be, r in why.items() if r is not None}}
+    for be, r in meta["missing"].items():
+        print(f"bench_gpu: {be} executor not measured: {r}", file=sys.stderr)
     rows = []
     for i, (dtype, l0) in enumerate(cases):
         name = str(dtype).split(".")[1]
-        print(f"[{i + 1}/{len(cases)}] {name} L0={l0}", file=sys.stderr, flush=True)
+        print(f"[{i + 1}/{len(cases)}] {name} L0={l0}: {', '.join(exes)}", file=sys.stderr,
+              flush=True)
         x, sae = make_case(shape, dtype, l0, device)
-        row = {"dtype": name}
-        enc, acts = bench_encode(x, sae, repeats)
-        row.update(enc)
-        row.update(bench_decode(acts, sae, repeats, copy_gbs))
-        row.update(bench_step(x, sae, repeats, with_peers=not args.no_peers and not args.smoke))
-        rows.append(row)
-        print(json.dumps(row), file=sys.stderr, flush=True)
+        shared = {"dtype": name}
+        per = {be: {"executor": be} for be in exes}
+        enc, enc_per, acts = bench_encode(x, sae, exes, repeats)
+        dec, dec_per = bench_decode(acts, sae, exes, repeats, copy_gbs)
+        step, step_per = bench_step(x, sae, exes, repeats, enc["gemm_ms"],
+                                    with_peers=not args.no_peers and not args.smoke)
+        shared.update(**enc, **dec, **step)
+        for be in exes:
+            row = {**shared, **per[be], **enc_per[be], **dec_per[be], **step_per[be]}
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
         del x, sae, acts
         if device == "cuda":
             torch.cuda.empty_cache()

@@ -21,3 +21,10 @@ def test_bench_gpu_smoke():
     for section in ("Fused encode", "Sparse decode", "Training step"):
         assert section in res.stdout
     assert "| float32 |" in res.stdout
+    # One row per available GPU executor; an absent one (cuda on CPU) is named as not measured.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for be in ("triton", "cuda"):
+        if be in gsae_fast.available_backends(device):
+            assert f"| {be} |" in res.stdout, be
+        else:
+            assert f"Not measured: {be} executor" in res.stdout, be

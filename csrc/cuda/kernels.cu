@@ -52,10 +52,10 @@ __global__ void decode_kernel(const int32_t* __restrict__ idx, const A* __restri
   const int64_t b = blockIdx.x;
   const int64_t c0 = blockIdx.y * cols_per_block;
   const int64_t c1 = min(c0 + cols_per_block, d_in);
-  const int n = counts[b];
+  const int64_t n = min(static_cast<int64_t>(counts[b]), K);  // as Triton: never past row b
   for (int64_t c = c0 + threadIdx.x; c < c1; c += blockDim.x) {
     A acc = bias != nullptr ? bias[c] : A(0);
-    for (int k = 0; k < n; ++k) {
+    for (int64_t k = 0; k < n; ++k) {
       const int64_t i = idx[b * K + k];
       acc += val[b * K + k] * load<T, A>(W + i * d_in + c);
     }
@@ -86,11 +86,11 @@ __global__ void slot_dot_kernel(const A* __restrict__ g, const int32_t* __restri
 // the pairs of each feature in a fixed order (the host's stable sort). One block per feature
 // (empty ones return at once); per-feature sums of up to three value arrays ride along
 // (sums[j][f] = sum_p extra_j[p]) for the bias gradients.
-template <typename A>
+template <typename T, typename A>
 __global__ void segment_scatter_kernel(const int64_t* __restrict__ ptr,
                                        const int64_t* __restrict__ rows,
                                        const A* __restrict__ vals, const A* __restrict__ src,
-                                       A* __restrict__ out, int64_t width,
+                                       T* __restrict__ out, int64_t width,
                                        const A* __restrict__ extra, A* __restrict__ sums,
                                        int n_extra, int64_t n_pairs, int64_t d_sae) {
   const int64_t f = blockIdx.x;
@@ -98,7 +98,7 @@ __global__ void segment_scatter_kernel(const int64_t* __restrict__ ptr,
   for (int64_t c = threadIdx.x; c < width; c += blockDim.x) {
     A acc = 0;
     for (int64_t p = p0; p < p1; ++p) acc += vals[p] * src[rows[p] * width + c];
-    out[f * width + c] = acc;
+    out[f * width + c] = store<T, A>(acc);
   }
   if (threadIdx.x < n_extra) {
     const int j = threadIdx.x;
@@ -115,8 +115,8 @@ __global__ void atomic_scatter_kernel(const int32_t* __restrict__ idx, const A* 
                                       const A* __restrict__ src, A* __restrict__ out, int64_t K,
                                       int64_t width) {
   const int64_t b = blockIdx.x;
-  const int n = counts[b];
-  for (int k = 0; k < n; ++k) {
+  const int64_t n = min(static_cast<int64_t>(counts[b]), K);
+  for (int64_t k = 0; k < n; ++k) {
     const A v = val[b * K + k];
     A* row = out + static_cast<int64_t>(idx[b * K + k]) * width;
     for (int64_t c = threadIdx.x; c < width; c += blockDim.x) atomicAdd(row + c, v * src[b * width + c]);
@@ -131,7 +131,7 @@ __global__ void atomic_scatter_kernel(const int32_t* __restrict__ idx, const A* 
 // written, but counted: the host re-runs with the true maximum.
 template <typename A>
 __global__ void epilogue_kernel(const A* __restrict__ z, int64_t B, int64_t F, int64_t f0,
-                                const A* __restrict__ b_gate, const A* __restrict__ exp_r,
+                                const A* __restrict__ centre, const A* __restrict__ b_gate, const A* __restrict__ exp_r,
                                 const A* __restrict__ b_mag, int64_t capacity,
                                 int32_t* __restrict__ idx, A* __restrict__ f_out,
                                 A* __restrict__ pi_out, int32_t* __restrict__ counts,
@@ -146,7 +146,7 @@ __global__ void epilogue_kernel(const A* __restrict__ z, int64_t B, int64_t F, i
     bool open = false;
     A zz = 0, pi = 0;
     if (j < F) {
-      zz = z[b * F + j];
+      zz = z[b * F + j] - centre[f0 + j];
       nonfinite |= !isfinite(zz);
       pi = zz + b_gate[f0 + j];
       open = pi > A(0);
@@ -214,22 +214,14 @@ void launch_slot_dot(DType dt, const void* g, const int32_t* idx, const int32_t*
   GSAE_DISPATCH_W(dt, (slot_dot_t<T, A>(g, idx, counts, W, grad_val, B, K, d_in, s)));
 }
 
-void launch_segment_scatter(bool fp64, const int64_t* ptr, const int64_t* rows, const void* vals,
-                            const void* src, void* out, int64_t d_sae, int64_t width,
-                            const void* extra, void* sums, int n_extra, int64_t n_pairs,
-                            cudaStream_t s) {
+void launch_segment_scatter(DType out_dt, const int64_t* ptr, const int64_t* rows,
+                            const void* vals, const void* src, void* out, int64_t d_sae,
+                            int64_t width, const void* extra, void* sums, int n_extra,
+                            int64_t n_pairs, cudaStream_t s) {
   if (d_sae == 0) return;
-  if (fp64) {
-    segment_scatter_kernel<double><<<static_cast<unsigned>(d_sae), 128, 0, s>>>(
-        ptr, rows, static_cast<const double*>(vals), static_cast<const double*>(src),
-        static_cast<double*>(out), width, static_cast<const double*>(extra),
-        static_cast<double*>(sums), n_extra, n_pairs, d_sae);
-  } else {
-    segment_scatter_kernel<float><<<static_cast<unsigned>(d_sae), 128, 0, s>>>(
-        ptr, rows, static_cast<const float*>(vals), static_cast<const float*>(src),
-        static_cast<float*>(out), width, static_cast<const float*>(extra),
-        static_cast<float*>(sums), n_extra, n_pairs, d_sae);
-  }
+  GSAE_DISPATCH_W(out_dt, (segment_scatter_kernel<T, A><<<static_cast<unsigned>(d_sae), 128, 0, s>>>(
+      ptr, rows, static_cast<const A*>(vals), static_cast<const A*>(src), static_cast<T*>(out),
+      width, static_cast<const A*>(extra), static_cast<A*>(sums), n_extra, n_pairs, d_sae)));
 }
 
 void launch_atomic_scatter(bool fp64, const int32_t* idx, const void* val, const int32_t* counts,
@@ -248,19 +240,21 @@ void launch_atomic_scatter(bool fp64, const int32_t* idx, const void* val, const
 }
 
 void launch_epilogue(bool fp64, const void* z, int64_t B, int64_t F, int64_t f0,
-                     const void* b_gate, const void* exp_r, const void* b_mag, int64_t capacity,
+                     const void* centre, const void* b_gate, const void* exp_r, const void* b_mag, int64_t capacity,
                      int32_t* idx, void* f, void* pi, int32_t* counts, int32_t* bad,
                      cudaStream_t s) {
   if (B == 0 || F == 0) return;
   const int grid = blocks_for(B * 32, 256);
   if (fp64) {
     epilogue_kernel<double><<<grid, 256, 0, s>>>(
-        static_cast<const double*>(z), B, F, f0, static_cast<const double*>(b_gate),
+        static_cast<const double*>(z), B, F, f0, static_cast<const double*>(centre),
+        static_cast<const double*>(b_gate),
         static_cast<const double*>(exp_r), static_cast<const double*>(b_mag), capacity, idx,
         static_cast<double*>(f), static_cast<double*>(pi), counts, bad);
   } else {
     epilogue_kernel<float><<<grid, 256, 0, s>>>(
-        static_cast<const float*>(z), B, F, f0, static_cast<const float*>(b_gate),
+        static_cast<const float*>(z), B, F, f0, static_cast<const float*>(centre),
+        static_cast<const float*>(b_gate),
         static_cast<const float*>(exp_r), static_cast<const float*>(b_mag), capacity, idx,
         static_cast<float*>(f), static_cast<float*>(pi), counts, bad);
   }

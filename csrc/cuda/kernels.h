@@ -19,10 +19,10 @@ void launch_slot_dot(DType dt, const void* g, const int32_t* idx, const int32_t*
 // out [d_sae, width] (A) = per feature f, sum over its pairs p (ptr[f] .. ptr[f+1], rows[p],
 // vals[p]) of vals[p] * src[rows[p]]; sums [n_extra, d_sae] = per-feature sums of the rows of
 // extra [n_extra, n_pairs]. Deterministic.
-void launch_segment_scatter(bool fp64, const int64_t* ptr, const int64_t* rows, const void* vals,
-                            const void* src, void* out, int64_t d_sae, int64_t width,
-                            const void* extra, void* sums, int n_extra, int64_t n_pairs,
-                            cudaStream_t s);
+void launch_segment_scatter(DType out_dt, const int64_t* ptr, const int64_t* rows,
+                            const void* vals, const void* src, void* out, int64_t d_sae,
+                            int64_t width, const void* extra, void* sums, int n_extra,
+                            int64_t n_pairs, cudaStream_t s);
 // out [d_sae, width] (A, zeroed by the caller) += val[b, k] * src[b] at row idx[b, k]; atomics.
 void launch_atomic_scatter(bool fp64, const int32_t* idx, const void* val, const int32_t* counts,
                            const void* src, void* out, int64_t B, int64_t K, int64_t width,
@@ -31,7 +31,7 @@ void launch_atomic_scatter(bool fp64, const int32_t* idx, const void* val, const
 // open gates of each row to its slots (idx, f, pi [B, capacity]) after counts[b] earlier ones,
 // counting past capacity; bad |= 1 on a NaN/Inf z. Biases are A, exp_r = exp(r_mag).
 void launch_epilogue(bool fp64, const void* z, int64_t B, int64_t F, int64_t f0,
-                     const void* b_gate, const void* exp_r, const void* b_mag, int64_t capacity,
+                     const void* centre, const void* b_gate, const void* exp_r, const void* b_mag, int64_t capacity,
                      int32_t* idx, void* f, void* pi, int32_t* counts, int32_t* bad,
                      cudaStream_t s);
 

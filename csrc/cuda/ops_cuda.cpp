@@ -7,6 +7,7 @@
 // (ENCODE_BLOCK_ELEMS), each followed by the epilogue kernel that gates and compacts the block;
 // no [B, d_sae] tensor is allocated.
 #include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>  // (not ATen/cuda/CUDAContext.h: it needs the cuSPARSE headers)
 #include <torch/library.h>
 #include <torch/version.h>
@@ -78,13 +79,11 @@ Groups group_by_feature(const at::Tensor& idx, const at::Tensor& counts, int64_t
   const int64_t K = idx.size(1);
   auto mask = at::arange(K, idx.options().dtype(at::kLong)).unsqueeze(0) <
               counts.to(at::kLong).unsqueeze(1);
-  auto pos = mask.flatten().nonzero().squeeze(1);
-  auto feats = idx.flatten().index_select(0, pos).to(at::kLong);
-  auto order = std::get<1>(feats.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false));
-  pos = pos.index_select(0, order);
-  feats = feats.index_select(0, order);
-  auto ptr = at::zeros({d_sae + 1}, idx.options().dtype(at::kLong));
-  ptr.narrow(0, 1, d_sae).copy_(at::bincount(feats, {}, d_sae).cumsum(0));
+  // Padding slots get key d_sae and sort last; no nonzero/bincount, so no host sync.
+  auto keys = at::where(mask, idx.to(at::kLong), d_sae).flatten();
+  auto sorted = keys.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false);
+  auto pos = std::get<1>(sorted);
+  auto ptr = at::searchsorted(std::get<0>(sorted), at::arange(d_sae + 1, pos.options()));
   return {ptr, pos, at::floor_divide(pos, K)};
 }
 
@@ -105,6 +104,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_enc
   TORCH_CHECK(x.dim() == 2 && W_enc.dim() == 2 && x.size(1) == W_enc.size(0), op,
               ": x must be [B, d_in] and W_enc [d_in, d_sae]");
   TORCH_CHECK(capacity >= 0, op, ": capacity must be >= 0");
+  TORCH_CHECK(W_enc.scalar_type() == x.scalar_type() && b_dec.scalar_type() == x.scalar_type(),
+              op, ": x, W_enc and b_dec must share one dtype");
+  const c10::cuda::CUDAGuard guard(x.device());
   const int64_t B = x.size(0), d_sae = W_enc.size(1);
   const auto acc = acc_of(x.scalar_type());
   const bool fp64 = acc == at::kDouble;
@@ -115,7 +117,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_enc
   auto counts = at::zeros({B}, opts.dtype(at::kInt));
   auto bad = at::zeros({1}, opts.dtype(at::kInt));
   // Centring folded in: z = x @ W - b_dec @ W (x read as it is; bf16 products exact in fp32).
-  auto centre = mm_acc(b_dec.unsqueeze(0), W_enc).squeeze(0);
+  auto centre = mm_acc(b_dec.unsqueeze(0), W_enc).squeeze(0).contiguous();
   auto bg = b_gate.to(acc).contiguous(), er = r_mag.to(acc).exp().contiguous(),
        bm = b_mag.to(acc).contiguous();
   const int64_t block = std::max<int64_t>(
@@ -123,9 +125,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_enc
   auto stream = c10::cuda::getCurrentCUDAStream();
   for (int64_t f0 = 0; f0 < d_sae && B > 0; f0 += block) {
     const int64_t F = std::min(block, d_sae - f0);
-    auto z = mm_acc(x, W_enc.narrow(1, f0, F));
-    z.sub_(centre.narrow(0, f0, F));
-    gsae_fast_cuda::launch_epilogue(fp64, z.data_ptr(), B, F, f0, bg.data_ptr(), er.data_ptr(),
+    auto z = mm_acc(x, W_enc.narrow(1, f0, F)).contiguous();  // centred in the epilogue
+    gsae_fast_cuda::launch_epilogue(fp64, z.data_ptr(), B, F, f0, centre.data_ptr(),
+                                    bg.data_ptr(), er.data_ptr(),
                                     bm.data_ptr(), capacity, idx.data_ptr<int32_t>(),
                                     f.data_ptr(), pi.data_ptr(), counts.data_ptr<int32_t>(),
                                     bad.data_ptr<int32_t>(), stream);
@@ -151,7 +153,11 @@ gated_encode_backward_cuda(const at::Tensor& x, const at::Tensor& W_enc, const a
   const int64_t B = x.size(0), d_in = x.size(1), d_sae = W_enc.size(1), K = idx.size(1);
   const auto dt = x.scalar_type();
   const auto acc = acc_of(dt);
-  const bool fp64 = acc == at::kDouble;
+  TORCH_CHECK(W_enc.scalar_type() == dt, op, ": W_enc must have x's dtype ", dt);
+  for (auto* t : {&f, &pi_gate, &grad_f, &grad_pi_gate})
+    TORCH_CHECK(t->scalar_type() == acc && t->sizes() == idx.sizes(), op,
+                ": f, pi_gate and their gradients must be ", acc, " of idx's shape");
+  const c10::cuda::CUDAGuard guard(x.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
 
   auto i = idx.to(at::kLong);
@@ -171,15 +177,21 @@ gated_encode_backward_cuda(const at::Tensor& x, const at::Tensor& W_enc, const a
                           (dpm * z).flatten().index_select(0, g.pos)})
                    .contiguous();
   auto xc = (x.to(acc) - b_dec.to(acc)).contiguous();
-  auto dWt = at::empty({d_sae, d_in}, x.options().dtype(acc));  // [d_sae, d_in]: coalesced rows
+  auto dWt = at::empty({d_sae, d_in}, x.options());  // [d_sae, d_in] in x's dtype: coalesced rows
   auto sums = at::empty({3, d_sae}, x.options().dtype(acc));
-  gsae_fast_cuda::launch_segment_scatter(fp64, g.ptr.data_ptr<int64_t>(),
+  gsae_fast_cuda::launch_segment_scatter(dtype_code(dt, op), g.ptr.data_ptr<int64_t>(),
                                          g.rows.data_ptr<int64_t>(), vals.data_ptr(),
                                          xc.data_ptr(), dWt.data_ptr(), d_sae, d_in,
                                          extra.data_ptr(), sums.data_ptr(), 3, n_pairs, stream);
   check_launch(op);
   auto s = sums[0] + er * sums[1];  // per-feature sums of dz
-  auto db_dec = -at::mv(W_enc.to(acc), s);
+  // -W_enc @ s by feature blocks: never a whole fp32 copy of a bf16 / fp16 W_enc.
+  auto db_dec = at::zeros({d_in}, x.options().dtype(acc));
+  const int64_t cb = std::max<int64_t>(1, ENCODE_BLOCK_ELEMS / std::max<int64_t>(d_in, 1));
+  for (int64_t f0 = 0; f0 < d_sae; f0 += cb) {
+    const int64_t F = std::min(cb, d_sae - f0);
+    db_dec.sub_(at::mv(W_enc.narrow(1, f0, F).to(acc), s.narrow(0, f0, F)));
+  }
   at::Tensor dx = at::empty({0}, x.options());
   if (need_x) {  // dx = S @ W_enc^T: a sparse decode through W_enc^T
     auto WT = W_enc.t().contiguous();
@@ -189,7 +201,7 @@ gated_encode_backward_cuda(const at::Tensor& x, const at::Tensor& W_enc, const a
                                   dx.data_ptr(), B, K, d_in, stream);
     check_launch(op);
   }
-  return {dx, dWt.t().to(dt).contiguous(), db_dec.to(dt), sums[0].to(dt),
+  return {dx, dWt.t().contiguous(), db_dec.to(dt), sums[0].to(dt),
           (er * sums[2]).to(dt), sums[1].to(dt)};
 }
 
@@ -201,7 +213,10 @@ at::Tensor sparse_decode_cuda(const at::Tensor& idx, const at::Tensor& val,
   check_sparse(idx, counts, val, op);
   const auto acc = acc_of(W_dec.scalar_type());
   TORCH_CHECK(val.scalar_type() == acc, op, ": values must be ", acc);
+  TORCH_CHECK(W_dec.dim() == 2, op, ": W_dec must be [d_sae, d_in]");
   const int64_t B = idx.size(0), K = idx.size(1), d_in = W_dec.size(1);
+  TORCH_CHECK(!bias.has_value() || bias->numel() == d_in, op, ": bias must be [d_in]");
+  const c10::cuda::CUDAGuard guard(W_dec.device());
   at::Tensor b;
   if (bias.has_value()) {
     check_cuda(*bias, op, "bias");
@@ -224,7 +239,11 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_backward_cuda(
   check_sparse(idx, counts, val, op);
   const auto acc = acc_of(W_dec.scalar_type());
   const bool fp64 = acc == at::kDouble;
+  TORCH_CHECK(val.scalar_type() == acc, op, ": values must be ", acc);
   const int64_t B = idx.size(0), K = idx.size(1), d_sae = W_dec.size(0), d_in = W_dec.size(1);
+  TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == B && grad_out.size(1) == d_in, op,
+              ": grad_out must be [B, d_in]");
+  const c10::cuda::CUDAGuard guard(W_dec.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
   auto g = grad_out.to(acc).contiguous();
   at::Tensor grad_val = at::empty({0}, val.options());
@@ -241,8 +260,9 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_backward_cuda(
     if (deterministic_scatter()) {
       Groups gr = group_by_feature(idx, counts, d_sae);
       auto vals = val.flatten().index_select(0, gr.pos).contiguous();
-      out = at::empty({d_sae, d_in}, g.options());
-      gsae_fast_cuda::launch_segment_scatter(fp64, gr.ptr.data_ptr<int64_t>(),
+      out = at::empty({d_sae, d_in}, W_dec.options());  // written in W_dec's dtype directly
+      gsae_fast_cuda::launch_segment_scatter(dtype_code(W_dec.scalar_type(), op),
+                                             gr.ptr.data_ptr<int64_t>(),
                                              gr.rows.data_ptr<int64_t>(), vals.data_ptr(),
                                              g.data_ptr(), out.data_ptr(), d_sae, d_in, nullptr,
                                              nullptr, 0, gr.pos.size(0), stream);
