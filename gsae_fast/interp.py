@@ -722,7 +722,7 @@ def _set_features(acts: SparseActs, feats: Tensor, values: Optional[Tensor]) -> 
     the indices stay strictly increasing. Differentiable w.r.t. ``acts.f``. ``pi_gate`` of a set
     feature is 0 (it is forced, not gated); only ``f`` is decoded."""
     d_sae = acts.d_sae
-    lead, K = acts.counts.shape, acts.capacity
+    lead = acts.counts.shape
     member = torch.zeros(d_sae, dtype=torch.bool, device=acts.idx.device)
     member[feats] = True
     idx = acts.idx.long()
