@@ -244,3 +244,15 @@ def test_demo_recovers_the_true_features(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "mean max cosine similarity" in printed and "the reference" in printed
     assert (tmp_path / "sae" / "sae_weights.safetensors").exists()
+
+
+def test_aux_study_writes_its_table(tmp_path):
+    """The loss-design study runs the three aux modes on one setup and writes its files (a
+    short run: the measured table is bench/results/study_aux.md)."""
+    assert cli.main(["study", "--steps", "40", "--out", str(tmp_path), "--quiet"]) == 0
+    rows = json.loads((tmp_path / "study_aux.json").read_text())
+    assert [r["aux"] for r in rows] == ["frozen", "shared", "none"]
+    table = (tmp_path / "study_aux.md").read_text()
+    assert table.count("\n| ") == 4 and "relu(pi_gate)" in table
+    assert all(r["mean_relu_pi_gate"] > 0 and 0 < r["mean_max_cosine_similarity"] <= 1
+               for r in rows)
