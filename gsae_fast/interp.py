@@ -114,10 +114,11 @@ def _describe(t) -> str:
 
 
 def _logits(model, tokens: Tensor) -> Tensor:
+    """The model's logits, in fp32 at least: a bf16 metric would quantise the small differences
+    the estimators are compared on."""
     out = model(input_ids=tokens, **_forward_kwargs(model))
-    if hasattr(out, "logits"):
-        return out.logits
-    return out[0] if isinstance(out, tuple) else out
+    logits = out.logits if hasattr(out, "logits") else (out[0] if isinstance(out, tuple) else out)
+    return logits if logits.dtype == torch.float64 else logits.float()
 
 
 def _metric_value(metric, logits: Tensor) -> Tensor:
@@ -151,9 +152,10 @@ class LayerRecord:
     ``err``: the error node used (``x - x_hat``, or the held tensor); ``out``: what the layer
     output instead, ``decode(patched_acts or acts) + err`` in the model's dtype (its ``.grad``
     after a backward with ``retain_grad=True``); ``patched_acts``: the replacement activations
-    when an intervention set them (SparseActs or dense ``[..., d_sae]``), else None. ``acts``,
-    ``x_hat`` and ``err`` are in the SAE's dtype (fp32 / fp64 values for ``acts``), and None for
-    a layer that :func:`node_effects` ran without its SAE.
+    when an intervention set them (SparseActs or dense ``[..., d_sae]``), else None. ``acts``
+    has fp32 / fp64 values; ``x_hat`` and ``err`` are in the wider of the model's dtype and the
+    SAE's accumulation dtype (so that ``x_hat + err`` is ``x``); all three are None for a layer
+    that :func:`node_effects` ran without its SAE.
     """
 
     name: str
@@ -305,11 +307,15 @@ class Splice:
         xs = x.to(_sae_dtype(sae))  # the kernels take one dtype: the SAE's
         acts = sae.encode_sparse(xs)
         x_hat = sae.decode(acts)
+        # The error node and the output in a dtype holding both x and x_hat exactly (a bf16 SAE
+        # in an fp32 model: fp32), so that decode + err gives x back, not x rounded to bf16.
+        wide = torch.promote_types(x.dtype, acc_dtype(xs.dtype))
+        x_hat = x_hat.to(wide)
         held = self._err.get(key)
         if held is None:
-            err = xs - x_hat
+            err = x.to(wide) - x_hat
         else:
-            err = held.to(device=xs.device, dtype=xs.dtype)
+            err = held.to(device=xs.device, dtype=wide)
             try:
                 ok = torch.broadcast_shapes(err.shape, xs.shape) == xs.shape
             except RuntimeError:
@@ -323,7 +329,7 @@ class Splice:
             decoded = x_hat
         else:
             patched = spec(acts) if callable(spec) else spec
-            decoded = sae.decode(_check_acts(patched, key, xs.shape[:-1], sae))
+            decoded = sae.decode(_check_acts(patched, key, xs.shape[:-1], sae)).to(wide)
         out = decoded + err
         return out, LayerRecord(self.names[key], x, acts, x_hat, err, patched_acts=patched)
 
@@ -621,7 +627,8 @@ def _ig_mean_grad(model, sp, key, order, clean, metric, out_c, out_p, rec_c, ste
     total = torch.zeros_like(out_c, dtype=torch.promote_types(out_c.dtype, torch.float32))
     try:
         for s in range(0, steps, per):
-            a = torch.tensor(alphas[s:s + per], dtype=out_c.dtype, device=out_c.device)
+            a = torch.tensor(alphas[s:s + per], dtype=torch.promote_types(
+                out_c.dtype, torch.float32), device=out_c.device)
             c = a.shape[0]
             value = (out_c + a.view(c, 1, 1, 1) * (out_p - out_c)).reshape(c * B,
                                                                             *out_c.shape[1:])
@@ -630,6 +637,9 @@ def _ig_mean_grad(model, sp, key, order, clean, metric, out_c, out_p, rec_c, ste
             with torch.enable_grad():
                 logits = _logits(model, clean.repeat(c, 1))
                 m = sum(_metric_value(metric, logits[j * B:(j + 1) * B]) for j in range(c))
+                if not m.requires_grad:
+                    raise ValueError("the metric does not depend on the logits through "
+                                     "autograd (detached?): IG needs its gradient")
                 (g,) = torch.autograd.grad(m, value, allow_unused=True)
             if g is not None:
                 total += g.view(c, *out_c.shape).sum(0)

@@ -1,9 +1,11 @@
 """Measured studies on the embedded setup (no download): ``gsae-fast study``.
 
 Loss design (issue 10, part b): what the Gated SAE's auxiliary reconstruction term does. The
-gate path ``pi_gate`` gets gradient from the sparsity penalty (pushing it down) and, through the
-Heaviside gate, from nothing else: the auxiliary term ``|x - (relu(pi_gate) @ W_dec + b_dec)|^2``
-is what makes ``relu(pi_gate)`` a reconstruction in its own right. The study trains the same
+reconstruction loss reaches ``pi_gate`` through nothing (the Heaviside gate has no gradient), so
+``b_gate`` is pushed only by the sparsity penalty (down) and by the auxiliary term
+``|x - (relu(pi_gate) @ W_dec + b_dec)|^2`` (``W_enc``, shared with the magnitude path, also gets
+the reconstruction gradient); the term is what makes ``relu(pi_gate)`` a reconstruction in its
+own right. The study trains the same
 Gated SAE on the synthetic ground-truth data with ``aux`` = frozen (the paper), shared (SAELens)
 and none, and reports feature recovery, L0, FVE, relative reconstruction bias and the scale of
 ``relu(pi_gate)`` against that of the activations ``f``.
@@ -40,6 +42,8 @@ def aux_study(*, steps: int = 1500, seed: int = 0, device="cpu", backend: str = 
               progress: Optional[Callable[[str, int, int], None]] = None) -> list[dict]:
     """One row per ``aux`` mode: the same data, initialisation and hyperparameters (the demo's)."""
     from .cli import DEMO
+    if steps < 30:
+        raise ValueError(f"the study needs at least 30 steps (warm-ups and decay), got {steps}")
     rows = []
     for aux in AUX_MODES:
         syn = SyntheticConfig(d_in=DEMO["d_in"], n_features=DEMO["n_features"], seed=seed)

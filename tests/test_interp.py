@@ -129,6 +129,21 @@ def test_splice_is_identity_and_records(setup, backend):
         assert torch.equal(_run(model, clean), ref)
 
 
+@pytest.mark.parametrize("model_dtype,sae_dtype", [(torch.float32, torch.bfloat16),
+                                                    (torch.bfloat16, torch.float32)])
+def test_splice_is_identity_across_dtypes(setup, model_dtype, sae_dtype):
+    """A bf16 SAE in an fp32 model (or the reverse): the error node holds what the SAE misses
+    in the wider dtype, so the spliced model computes the model's logits up to one fp32
+    rounding per layer (with the error node in bf16 the logits moved by 1.5e-3)."""
+    model = copy.deepcopy(setup["model"]).to(model_dtype)
+    saes = {L: copy.deepcopy(s).to(sae_dtype) for L, s in setup["saes"]["cpu"].items()}
+    with torch.no_grad():
+        ref = _run(model, setup["clean"])
+        with interp.splice(model, saes):
+            out = _run(model, setup["clean"])
+    assert (out.float() - ref.float()).abs().max() <= 1e-5 * ref.float().abs().max()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_splice_interventions(setup, backend):
     """Replaced activations (dense or sparse) and a held error set the layer output to
