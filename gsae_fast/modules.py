@@ -82,7 +82,7 @@ class _SparseSAE(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """The reconstruction ``x_hat [..., d_in]``."""
         if self._backend_for(x) == "reference":
-            return reference.decode(self.encode(x), self.W_dec, self.b_dec)
+            return self.decode(self.encode(x))  # dense: reference.decode (TopK: rescaled)
         return self.decode(self.encode_sparse(x))
 
 
@@ -296,11 +296,6 @@ class TopKSAE(_SparseSAE):
             acts = acts / norm
         return super().decode(acts)
 
-    def forward(self, x: Tensor) -> Tensor:
-        if self._backend_for(x) == "reference":
-            return self.decode(self.encode(x))
-        return self.decode(self.encode_sparse(x))
-
     def loss(self, x: Tensor, *, dead_neuron_mask: Optional[Tensor] = None,
              aux_loss_coefficient: float = 1.0, aux_k: Optional[int] = None,
              aux_style: str = "sae_lens") -> "topk.TopKLoss":
@@ -363,11 +358,6 @@ class BatchTopKSAE(TopKSAE):
     def encode_batch_topk(self, x: Tensor) -> SparseActs:
         """Training activations: the ``k * tokens`` largest of the batch."""
         return TopKSAE.encode_sparse(self, x)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self._backend_for(x) == "reference":
-            return self.decode(self.encode(x))
-        return self.decode(self.encode_sparse(x))
 
     def loss(self, x: Tensor, **options) -> "topk.TopKLoss":
         out = super().loss(x, **options)

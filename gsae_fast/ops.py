@@ -182,6 +182,20 @@ def _check_shape(t: Tensor, shape: tuple, name: str, op: str) -> None:
         raise ValueError(f"{op}: {name} must have shape {list(shape)}, got {list(t.shape)}")
 
 
+def _check_encoder(op: str, x: Tensor, W_enc: Tensor, b_dec: Tensor, **vectors: Tensor) -> None:
+    """Dtypes, devices and shapes of an encoder call: ``x [..., d_in]``, ``W_enc [d_in, d_sae]``,
+    ``b_dec [d_in]`` and the per-feature ``vectors`` (each ``[d_sae]``)."""
+    _check_same(dict(x=x, W_enc=W_enc, b_dec=b_dec, **vectors), op)
+    if W_enc.dim() != 2:
+        raise ValueError(f"{op}: W_enc must be [d_in, d_sae], got {list(W_enc.shape)}")
+    d_in, d_sae = W_enc.shape
+    if x.dim() < 1 or x.shape[-1] != d_in:
+        raise ValueError(f"{op}: x must be [..., d_in={d_in}], got {list(x.shape)}")
+    _check_shape(b_dec, (d_in,), "b_dec", op)
+    for name, t in vectors.items():
+        _check_shape(t, (d_sae,), name, op)
+
+
 def gated_encode(x: Tensor, W_enc: Tensor, b_dec: Tensor, b_gate: Tensor, r_mag: Tensor,
                  b_mag: Tensor, *, capacity: Optional[int] = None,
                  backend: str = "auto") -> SparseActs:
@@ -192,15 +206,8 @@ def gated_encode(x: Tensor, W_enc: Tensor, b_dec: Tensor, b_gate: Tensor, r_mag:
     costs one, and none loses data). Raises ValueError if the pre-activations are NaN or Inf.
     """
     op = "gsae_fast.gated_encode"
-    _check_same(dict(x=x, W_enc=W_enc, b_dec=b_dec, b_gate=b_gate, r_mag=r_mag, b_mag=b_mag), op)
-    if W_enc.dim() != 2:
-        raise ValueError(f"{op}: W_enc must be [d_in, d_sae], got {list(W_enc.shape)}")
+    _check_encoder(op, x, W_enc, b_dec, b_gate=b_gate, r_mag=r_mag, b_mag=b_mag)
     d_in, d_sae = W_enc.shape
-    if x.dim() < 1 or x.shape[-1] != d_in:
-        raise ValueError(f"{op}: x must be [..., d_in={d_in}], got {list(x.shape)}")
-    _check_shape(b_dec, (d_in,), "b_dec", op)
-    for name, t in (("b_gate", b_gate), ("r_mag", r_mag), ("b_mag", b_mag)):
-        _check_shape(t, (d_sae,), name, op)
     if capacity is not None and capacity < 0:
         raise ValueError(f"{op}: capacity must be >= 0, got {capacity}")
     be = backends.resolve(backend, x.device)

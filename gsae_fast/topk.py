@@ -141,17 +141,6 @@ class _SlotPre(torch.autograd.Function):
         return dx if need_x else None, dW, db_dec, db_enc, None, None, None, None
 
 
-def _check(x: Tensor, W_enc: Tensor, b_dec: Tensor, b_enc: Tensor, op: str) -> None:
-    ops._check_same(dict(x=x, W_enc=W_enc, b_dec=b_dec, b_enc=b_enc), op)
-    if W_enc.dim() != 2:
-        raise ValueError(f"{op}: W_enc must be [d_in, d_sae], got {list(W_enc.shape)}")
-    d_in, d_sae = W_enc.shape
-    if x.dim() < 1 or x.shape[-1] != d_in:
-        raise ValueError(f"{op}: x must be [..., d_in={d_in}], got {list(x.shape)}")
-    ops._check_shape(b_dec, (d_in,), "b_dec", op)
-    ops._check_shape(b_enc, (d_sae,), "b_enc", op)
-
-
 def _check_k(k: float, batch: bool, op: str, d_sae: Optional[int] = None) -> None:
     if not k > 0 or (not batch and int(k) != k):
         raise ValueError(f"{op}: k must be a positive {'number' if batch else 'integer'}, "
@@ -172,7 +161,7 @@ def topk_encode(x: Tensor, W_enc: Tensor, b_dec: Tensor, b_enc: Tensor, k: float
     dense math: that is :func:`dense_topk`).
     """
     op = "gsae_fast.topk_encode"
-    _check(x, W_enc, b_dec, b_enc, op)
+    ops._check_encoder(op, x, W_enc, b_dec, b_enc=b_enc)
     _check_k(k, batch, op, W_enc.shape[1])
     be = backends.resolve(backend, x.device)
     d_in, d_sae = W_enc.shape
@@ -282,7 +271,7 @@ def topk_sae_loss(x: Tensor, W_enc: Tensor, W_dec: Tensor, b_dec: Tensor, b_enc:
     ``backend="reference"`` runs SAELens' dense math.
     """
     op = "gsae_fast.topk_sae_loss"
-    _check(x, W_enc, b_dec, b_enc, op)
+    ops._check_encoder(op, x, W_enc, b_dec, b_enc=b_enc)
     _check_k(k, batch, op, W_enc.shape[1])
     d_in, d_sae = W_enc.shape
     check_loss_options(dead_neuron_mask, d_sae, aux_style)
