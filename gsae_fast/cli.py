@@ -33,12 +33,30 @@ DEMO = dict(d_in=64, n_features=128, d_sae=256, batch_size=1024, steps=1500, lr=
             l1_coefficient=1.5, warmup_steps=20, sparsity_warmup_steps=150)
 
 
+def demo_train_config(steps: int, **overrides) -> TrainConfig:
+    """The demo's recipe (the study's too): DEMO's sizes and rates, Adam betas (0.9, 0.999),
+    fp32 compute, the learning rate decayed over the last 20% of the steps."""
+    keys = ("d_sae", "l1_coefficient", "batch_size", "lr", "warmup_steps",
+            "sparsity_warmup_steps")
+    cfg = dict({k: DEMO[k] for k in keys}, steps=steps, betas=(0.9, 0.999),
+               decay_start=int(0.8 * steps), compute_dtype="float32")
+    cfg.update(overrides)
+    return TrainConfig(**cfg)
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, or None without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
 def _say(*args) -> None:
     print(*args, flush=True)
-
-
-def _fmt(v) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 # --------------------------------------------------------------------------------------- demo
@@ -83,11 +101,8 @@ def sized_for_timing(d_in: int, d_sae: int, l0: float, device, seed: int = 0):
 
 def plot(records: list[dict], recovery_curve: list, final_recovery, path: str) -> Optional[str]:
     """Loss curves and feature recovery as a PNG (needs matplotlib; None without it)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     fig, ax = plt.subplots(1, 3, figsize=(15, 4))
     steps = [r["step"] for r in records]
@@ -112,12 +127,12 @@ def demo(args) -> dict:
     device = torch.device(args.device)
     syn = SyntheticConfig(d_in=args.d_in, n_features=args.n_features, seed=args.seed)
     data = SyntheticFeatures(syn, batch_size=args.batch_size, device=device)
-    cfg = TrainConfig(d_sae=args.d_sae, l1_coefficient=args.l1_coefficient, steps=args.steps,
-                      batch_size=args.batch_size, lr=args.lr, betas=(0.9, 0.999),
-                      warmup_steps=args.warmup_steps, decay_start=int(0.8 * args.steps),
-                      sparsity_warmup_steps=args.sparsity_warmup_steps, backend=args.backend,
-                      seed=args.seed, log_every=10, compute_dtype="float32",
-                      extra={"data": "synthetic", "synthetic": vars(syn)})
+    cfg = demo_train_config(args.steps, d_sae=args.d_sae, l1_coefficient=args.l1_coefficient,
+                            batch_size=args.batch_size, lr=args.lr,
+                            warmup_steps=args.warmup_steps,
+                            sparsity_warmup_steps=args.sparsity_warmup_steps,
+                            backend=args.backend, seed=args.seed,
+                            extra={"data": "synthetic", "synthetic": vars(syn)})
     os.makedirs(args.out, exist_ok=True)
     trainer = Trainer(cfg, syn.d_in, data, args.out, device=device, overwrite=True)
     backend = backends.resolve(args.backend, device)
@@ -210,14 +225,7 @@ def cache(args) -> dict:
     meta = dict(model=str(args.model), layer=source.layer, context_len=args.context_len,
                 data=[str(p) for p in args.data])
     bar = Progress(args.max_tokens or 0, "cache", enabled=not args.quiet and bool(args.max_tokens))
-    # write_cache needs the width up front: one chunk tells it.
-    first = next(source)
-
-    def chunks():
-        yield first
-        yield from source
-
-    out = A.write_cache(chunks(), args.out, d_in=first.shape[1], dtype=args.dtype,
+    out = A.write_cache(source, args.out, d_in=source.d_in, dtype=args.dtype,
                         shard_tokens=args.shard_tokens, metadata=meta, max_tokens=args.max_tokens,
                         overwrite=args.overwrite, progress=lambda n, total: bar(n, total))
     _say(f"wrote {out['n_tokens']} activations of width {out['d_in']} ({args.dtype}) from "
@@ -225,7 +233,7 @@ def cache(args) -> dict:
     return out
 
 
-def _train_data(args, d_in_hint=None):
+def _train_data(args):
     """(batches iterator with state, d_in, description) from --cache or --model."""
     if args.cache:
         from .activations import ActivationCache
@@ -239,9 +247,7 @@ def _train_data(args, d_in_hint=None):
     if args.model:
         from .activations import MixingBuffer
         _, source = _model_source(args)
-        first = next(source)
-        d_in = first.shape[1]
-        source.rewind()
+        d_in = source.d_in
         data = MixingBuffer(source, buffer_tokens=args.buffer_tokens, batch_size=args.batch_size,
                             seed=args.seed, repeat=True)
         return FullBatches(data, args.batch_size), d_in, {
@@ -301,18 +307,20 @@ def evaluate_sae(sae, args) -> dict:
     training: its activations are outliers) kept as it was."""
     from . import activations as A
     sae.eval()
+    model = source = None
+    if args.model:
+        model, source = _model_source(args)
     if args.cache:
         c = A.ActivationCache(args.cache)
         c.check_width(sae.d_in)
         batches = c.batches(4096, seed=args.seed + 1, epochs=1, device=args.device)
-    elif args.model:
-        model, source = _model_source(args)
+    elif source is not None:
         batches = source
     else:
         raise ValueError("give --cache DIR or --model DIR --data FILES --layer NAME")
     summary = {"metrics": metrics.evaluate(sae, batches, max_tokens=args.eval_tokens)}
-    if args.model:
-        model, source = _model_source(args)
+    if source is not None:
+        source.rewind()  # the CE contexts from the start of the texts
         tokens = source.token_contexts(args.ce_contexts)
 
         def keep_first(fn):
@@ -436,6 +444,7 @@ def _add_train_config_flags(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gsae-fast", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
 
     d = sub.add_parser("demo", help="train on synthetic features with known ground truth "
                                     "(no download) and report recovery, metrics and speed")
@@ -447,7 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--time-l0", type=float, default=32.0)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--backend", default="auto")
-    d.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    d.add_argument("--device", default=device)
     d.add_argument("--out", default="gsae_demo")
     d.add_argument("--quiet", action="store_true", help="no progress bar")
     d.set_defaults(func=demo)
@@ -462,7 +471,6 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--context-len", type=int, default=128)
         p.add_argument("--batch-contexts", type=int, default=8)
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     c = sub.add_parser("cache", help="run a model over texts and write a layer's activations "
                                      "to disk")
     model_flags(c, required=True)

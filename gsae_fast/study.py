@@ -20,7 +20,7 @@ import torch
 
 from . import metrics
 from .synthetic import SyntheticConfig, SyntheticFeatures, feature_recovery
-from .train import TrainConfig, Trainer
+from .train import Trainer
 
 AUX_MODES = ("frozen", "shared", "none")
 
@@ -41,18 +41,16 @@ def _gate_scale(sae, batches) -> dict:
 def aux_study(*, steps: int = 1500, seed: int = 0, device="cpu", backend: str = "auto",
               progress: Optional[Callable[[str, int, int], None]] = None) -> list[dict]:
     """One row per ``aux`` mode: the same data, initialisation and hyperparameters (the demo's)."""
-    from .cli import DEMO
+    from .cli import DEMO, demo_train_config
     if steps < 30:
         raise ValueError(f"the study needs at least 30 steps (warm-ups and decay), got {steps}")
     rows = []
     for aux in AUX_MODES:
         syn = SyntheticConfig(d_in=DEMO["d_in"], n_features=DEMO["n_features"], seed=seed)
         data = SyntheticFeatures(syn, batch_size=DEMO["batch_size"], device=device)
-        cfg = TrainConfig(d_sae=DEMO["d_sae"], l1_coefficient=DEMO["l1_coefficient"],
-                          steps=steps, batch_size=DEMO["batch_size"], lr=DEMO["lr"],
-                          betas=(0.9, 0.999), warmup_steps=min(DEMO["warmup_steps"], steps - 1),
-                          decay_start=int(0.8 * steps), sparsity_warmup_steps=steps // 10,
-                          aux=aux, backend=backend, seed=seed, compute_dtype="float32")
+        cfg = demo_train_config(steps, warmup_steps=min(DEMO["warmup_steps"], steps - 1),
+                                sparsity_warmup_steps=steps // 10, aux=aux, backend=backend,
+                                seed=seed)
         trainer = Trainer(cfg, syn.d_in, data, device=device)
         trainer.train(progress=None if progress is None else
                       (lambda s, t, r, aux=aux: progress(aux, s, t)))
@@ -86,11 +84,9 @@ def write_aux_study(rows: list[dict], out_dir: str, header: str) -> list[str]:
         f.write("\n".join(lines) + "\n")
     with open(paths[1], "w") as f:
         json.dump(rows, f, indent=1)
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    from .cli import pyplot
+    plt = pyplot()
+    if plt is None:
         return paths
     keys = ["mean_max_cosine_similarity", "fve", "relative_reconstruction_bias",
             "mean_relu_pi_gate"]

@@ -155,14 +155,20 @@ class Trainer:
 
     # -- one step ----------------------------------------------------------------------------
 
+    def _in_compute_dtype(self, *tensors: torch.Tensor) -> list:
+        """The kernels' inputs: differentiable casts of the fp32 masters (no copy when equal)."""
+        cd = self.compute_dtype
+        return [t if t.dtype == cd else t.to(cd) for t in tensors]
+
     def _loss(self, x: torch.Tensor):
-        cd, cfg, sae = self.compute_dtype, self.cfg, self.sae
-        params = [p if p.dtype == cd else p.to(cd) for p in
-                  (sae.W_enc, sae.W_dec, sae.b_dec, sae.b_gate, sae.r_mag, sae.b_mag)]
+        cfg, sae = self.cfg, self.sae
+        params = self._in_compute_dtype(sae.W_enc, sae.W_dec, sae.b_dec, sae.b_gate, sae.r_mag,
+                                        sae.b_mag)
         coef = cfg.l1_coefficient * cfg.sparsity_scale(self.step)
         sparsity = "unit" if cfg.decoder == "unit_norm" else "decoder_norm"
-        return ops.gated_sae_loss(x.to(cd), *params, coef, sparsity=sparsity, aux=cfg.aux,
-                                  backend=sae._backend_for(x), capacity=self.capacity)
+        return ops.gated_sae_loss(*self._in_compute_dtype(x), *params, coef, sparsity=sparsity,
+                                  aux=cfg.aux, backend=sae._backend_for(x),
+                                  capacity=self.capacity)
 
     def train_step(self, x: torch.Tensor) -> dict:
         """One optimisation step on the batch ``x``; returns its log record."""
@@ -200,8 +206,8 @@ class Trainer:
         acts = out.acts
         if acts is None:  # the dense path ran (L0 near d_sae): find the firing features
             s = self.sae
-            acts = ops.gated_encode(x.to(self.compute_dtype), *(p.to(self.compute_dtype) for p in
-                                    (s.W_enc, s.b_dec, s.b_gate, s.r_mag, s.b_mag)),
+            acts = ops.gated_encode(*self._in_compute_dtype(x, s.W_enc, s.b_dec, s.b_gate,
+                                                            s.r_mag, s.b_mag),
                                     backend=s._backend_for(x))
         fired = torch.bincount(acts.idx[acts.mask()].long(), minlength=self.cfg.d_sae) > 0
         self.since_fired += x.shape[0]
