@@ -233,24 +233,41 @@ def cache(args) -> dict:
     return out
 
 
-def _train_data(args):
-    """(batches iterator with state, d_in, description) from --cache or --model."""
+def _train_data(args, rank: int = 0, world: int = 1):
+    """(batches iterator with state, d_in, description) from --cache or --model; with
+    ``world`` ranks, rank ``rank``'s share of every step's tokens."""
     if args.cache:
         from .activations import ActivationCache
+        from .distributed import RankShard
         c = ActivationCache(args.cache)
         if c.n_tokens < args.batch_size:
             raise ValueError(f"the cache holds {c.n_tokens} activations, fewer than one batch "
                              f"(--batch-size {args.batch_size})")
-        return (c.batches(args.batch_size, seed=args.seed, epochs=None, drop_last=True,
-                          device=args.device),
+        data = c.batches(args.batch_size, seed=args.seed, epochs=None, drop_last=True,
+                         device=args.device)
+        # Every rank reads the global batch and keeps its slice: the position is global, so
+        # the run resumes on any number of ranks and equals a one-process run.
+        return (data if world == 1 else RankShard(data, rank, world),
                 c.d_in, {"cache": os.path.abspath(args.cache), "n_tokens": c.n_tokens})
     if args.model:
-        from .activations import MixingBuffer
+        from . import activations as A
         _, source = _model_source(args)
         d_in = source.d_in
-        data = MixingBuffer(source, buffer_tokens=args.buffer_tokens, batch_size=args.batch_size,
-                            seed=args.seed, repeat=True)
-        return FullBatches(data, args.batch_size), d_in, {
+        if world > 1:  # each rank runs the model over every world-th document, its own stream
+            if args.batch_size % world:
+                raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the "
+                                 f"{world} ranks when training from a model")
+            import itertools
+            paths = list(args.data)
+            source = A.ModelActivations(
+                source.model, source.tokenizer,
+                lambda: itertools.islice(A.read_texts(paths), rank, None, world), source.layer,
+                context_len=args.context_len, batch_contexts=args.batch_contexts,
+                dtype=source.dtype)
+        batch = args.batch_size // world
+        data = A.MixingBuffer(source, buffer_tokens=args.buffer_tokens, batch_size=batch,
+                              seed=args.seed + rank, repeat=True)
+        return FullBatches(data, batch), d_in, {
             "model": os.path.abspath(args.model), "layer": args.layer,
             "data": [os.path.abspath(p) for p in args.data]}
     raise ValueError("give --cache DIR (from gsae-fast cache) or --model DIR --data FILES "
@@ -283,18 +300,33 @@ class FullBatches:
 
 
 def train(args) -> dict:
-    data, d_in, described = _train_data(args)
+    rank, world = 0, 1
+    if args.parallel != "none":  # under torchrun
+        from . import distributed
+        rank, world, device = distributed.init(args.device)
+        args.device = str(device)
+    data, d_in, described = _train_data(args, rank, world)
     cfg_fields = {f.name for f in fields(TrainConfig)} - {"extra"}
     cfg = TrainConfig(**{k: getattr(args, k) for k in cfg_fields}, extra=described)
     cfg.betas = tuple(cfg.betas)
     trainer = Trainer(cfg, d_in, data, args.out, device=args.device, resume=args.resume,
                       overwrite=args.overwrite)
-    bar = Progress(cfg.steps, "train", enabled=not args.quiet)
+    bar = Progress(cfg.steps, "train", enabled=not args.quiet and rank == 0)
     trainer.train(progress=lambda step, total, r: bar(
         step, total, f"loss={r['loss']:.4g} mse={r['mse']:.4g} L0={r['l0']:.3g} "
                      f"dead={100 * r['dead_fraction']:.0f}%"))
+    sae = trainer.sae
+    if args.parallel != "none":
+        import torch.distributed as dist
+        dist.destroy_process_group()  # the evaluation runs on rank 0 alone
+        if rank != 0:
+            return {}
+        if args.parallel == "feature":  # the whole SAE, once this rank's slice is freed
+            path = trainer.checkpoint_path
+            del trainer, sae
+            sae = distributed.gathered_sae(path, cfg.backend).to(args.device)
     _say(f"trained {cfg.steps} steps; SAE in {args.out}/sae (SAELens format)")
-    summary = evaluate_sae(trainer.sae, args)
+    summary = evaluate_sae(sae, args)
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     return summary
@@ -420,10 +452,14 @@ TRAIN_HELP = {
     "seed": "seed of the initialisation and the data order",
     "log_every": "steps between log.jsonl lines",
     "checkpoint_every": "steps between checkpoints (0: at the end only)",
+    "parallel": "under torchrun: data (each rank a share of every batch, gradients "
+                "all-reduced) or feature (each rank a slice of the dictionary); none: one "
+                "process",
 }
 TRAIN_CHOICES = {"decoder": ["unit_norm", "norm_penalty"], "aux": ["frozen", "shared", "none"],
                  "backend": ["auto", "reference", "cpu", "triton", "cuda"],
-                 "compute_dtype": ["auto", "float32", "bfloat16", "float16", "float64"]}
+                 "compute_dtype": ["auto", "float32", "bfloat16", "float16", "float64"],
+                 "parallel": ["none", "data", "feature"]}
 
 
 def _add_train_config_flags(p: argparse.ArgumentParser) -> None:

@@ -19,6 +19,10 @@
   parameters, Adam state, step, dead-feature counters, RNG states and the data stream's
   position) every ``checkpoint_every`` steps and at the end; ``resume=True`` continues from one
   exactly (the same loss curve as an uninterrupted run).
+- ``parallel="data"`` / ``"feature"``: data-parallel or feature-sharded training on
+  ``torch.distributed`` (gsae_fast.distributed; run under ``torchrun``): each rank's ``data``
+  yields its share of every step's tokens, and the run equals a single-process one on the
+  concatenated batches.
 """
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ from typing import Callable, Optional
 
 import torch
 
-from . import ops
+from . import distributed, ops
 from .modules import GatedSAE
 
 DECODER_MODES = ("unit_norm", "norm_penalty")
@@ -56,11 +60,15 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     checkpoint_every: int = 1000  # 0: at the end only
+    parallel: str = "none"  # "data" | "feature": torch.distributed (gsae_fast.distributed)
     extra: dict = field(default_factory=dict)  # free-form (data description, for the record)
 
     def check(self) -> None:
         if self.decoder not in DECODER_MODES:
             raise ValueError(f"decoder must be one of {DECODER_MODES}, got {self.decoder!r}")
+        if self.parallel not in distributed.PARALLEL_MODES:
+            raise ValueError(f"parallel must be one of {distributed.PARALLEL_MODES}, got "
+                             f"{self.parallel!r}")
         for name in ("d_sae", "steps", "batch_size", "log_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -115,6 +123,12 @@ class Trainer:
     ``out_dir`` receives ``log.jsonl``, ``checkpoint.pt`` and, at the end, ``sae/`` (SAELens
     format, :meth:`GatedSAE.load`). A directory that already holds a run is continued with
     ``resume=True``, replaced with ``overwrite=True``, and otherwise refused (never mixed).
+
+    With ``cfg.parallel`` "data" or "feature" every rank builds a Trainer (joining the
+    torchrun process group if none exists) with ``data`` yielding that rank's share of each
+    step (:class:`gsae_fast.distributed.RankShard` of a global stream); ``out_dir`` must be one
+    folder all ranks see. In "feature" mode ``sae`` holds this rank's features
+    ``features = (start, stop)``; the records (losses, L0, dead fraction) are global.
     """
 
     RUN_FILES = ("checkpoint.pt", "log.jsonl", "sae", "summary.json")
@@ -123,16 +137,30 @@ class Trainer:
                  device="cpu", resume: bool = False, overwrite: bool = False):
         cfg.check()
         self.cfg, self.data, self.out_dir = cfg, data, out_dir
+        self.rank, self.world = 0, 1
+        if cfg.parallel != "none":
+            self.rank, self.world, device = distributed.init(device)
+            if cfg.batch_size < self.world:
+                raise ValueError(f"batch_size {cfg.batch_size} is smaller than the {self.world} "
+                                 "ranks: every rank needs tokens")
         self.device = torch.device(device)
         self.compute_dtype = _compute_dtype(cfg.compute_dtype, self.device)
         torch.manual_seed(cfg.seed)
-        self.sae = GatedSAE(d_in, cfg.d_sae, device=self.device, backend=cfg.backend,
-                            decoder_init_norm=1.0 if cfg.decoder == "unit_norm" else 0.1)
+        init_norm = 1.0 if cfg.decoder == "unit_norm" else 0.1
+        self.features = (0, cfg.d_sae)
+        if cfg.parallel == "feature":
+            self.features = distributed.feature_range(cfg.d_sae, self.rank, self.world)
+            self.sae = distributed.init_shard(d_in, cfg.d_sae, self.features, device=self.device,
+                                              backend=cfg.backend, decoder_init_norm=init_norm)
+        else:
+            self.sae = GatedSAE(d_in, cfg.d_sae, device=self.device, backend=cfg.backend,
+                                decoder_init_norm=init_norm)
         self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
         self.step = 0
         self.tokens = 0
-        self.since_fired = torch.zeros(cfg.d_sae, dtype=torch.long, device=self.device)
-        self.capacity: Optional[int] = None
+        self.since_fired = torch.zeros(self.sae.d_sae, dtype=torch.long, device=self.device)
+        self.capacity: Optional[int] = None  # from the global largest row: picks dense/sparse
+        self.local_capacity: Optional[int] = None  # "feature": this rank's encode
         if out_dir is not None:
             os.makedirs(out_dir, exist_ok=True)
         if resume:
@@ -142,12 +170,19 @@ class Trainer:
             self.load_checkpoint(self.checkpoint_path)
         elif out_dir is not None:
             found = [n for n in self.RUN_FILES if os.path.exists(os.path.join(out_dir, n))]
+            found += [n for n in os.listdir(out_dir) if distributed.SHARD_FILE.match(n)]
             if found and not overwrite:
                 raise FileExistsError(f"{out_dir} already holds a run ({', '.join(found)}): "
                                       "resume it (--resume) or start over (--overwrite)")
-            for name in found:
+            self._barrier()  # every rank has looked before rank 0 removes
+            for name in found if self.rank == 0 else ():
                 path = os.path.join(out_dir, name)
                 shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+            self._barrier()
+
+    def _barrier(self) -> None:
+        if self.cfg.parallel != "none":
+            torch.distributed.barrier()
 
     @property
     def checkpoint_path(self) -> str:
@@ -166,6 +201,15 @@ class Trainer:
                                         sae.b_mag)
         coef = cfg.l1_coefficient * cfg.sparsity_scale(self.step)
         sparsity = "unit" if cfg.decoder == "unit_norm" else "decoder_norm"
+        if cfg.parallel == "feature":
+            # The dense/sparse choice as a single process makes it (global capacity, d_sae):
+            # the dead-feature counts below depend on it.
+            out, local_max = distributed.feature_sharded_loss(
+                *self._in_compute_dtype(x), *params, coef, sparsity=sparsity, aux=cfg.aux,
+                backend=sae._backend_for(x), capacity=self.local_capacity,
+                dense=ops.dense_is_faster(self.capacity, cfg.d_sae))
+            self.local_capacity = ops.next_capacity(local_max, sae.d_sae)
+            return out
         return ops.gated_sae_loss(*self._in_compute_dtype(x), *params, coef, sparsity=sparsity,
                                   aux=cfg.aux, backend=sae._backend_for(x),
                                   capacity=self.capacity)
@@ -178,9 +222,16 @@ class Trainer:
         for group in self.opt.param_groups:
             group["lr"] = lr
         x = x.to(self.device).reshape(-1, sae.d_in)
+        if cfg.parallel == "feature":  # every rank encodes the whole batch
+            x = distributed.gather_rows(x)
         out = self._loss(x)
         self.opt.zero_grad(set_to_none=True)
         out.loss.backward()
+        stats = [out.loss.item(), out.mse.item(), out.sparsity.item(), out.aux.item(),
+                 out.l0.item()]
+        n = x.shape[0]
+        if cfg.parallel == "data":  # gradients and logged values over all ranks' tokens
+            stats, n = distributed.average_gradients(sae.parameters(), stats, n)
         if cfg.decoder == "unit_norm":  # keep the step on the sphere of unit rows
             with torch.no_grad():
                 W, g = sae.W_dec, sae.W_dec.grad
@@ -189,29 +240,36 @@ class Trainer:
         if cfg.decoder == "unit_norm":
             with torch.no_grad():
                 sae.W_dec /= sae.W_dec.norm(dim=1, keepdim=True)
-        self.capacity = ops.next_capacity(out.max_count, cfg.d_sae)
-        self._count_fired(x, out)
+        fired, max_count = self._fired(x, out), out.max_count
+        if cfg.parallel == "data":
+            fired, max_count = distributed.any_fired(fired, max_count)
+        self.capacity = ops.next_capacity(max_count, cfg.d_sae)
+        self.since_fired += n
+        self.since_fired[fired] = 0
         self.step += 1
-        self.tokens += x.shape[0]
+        self.tokens += n
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-        dead = float((self.since_fired >= cfg.dead_after_tokens).float().mean())
-        return {"step": self.step, "tokens": self.tokens, "loss": out.loss.item(),
-                "mse": out.mse.item(), "sparsity": out.sparsity.item(), "aux": out.aux.item(),
-                "l0": out.l0.item(), "lr": lr, "sparsity_scale": cfg.sparsity_scale(self.step - 1),
-                "dead_fraction": dead, "step_ms": 1e3 * (time.perf_counter() - t0)}
+        dead = (self.since_fired >= cfg.dead_after_tokens).sum()
+        if cfg.parallel == "feature":
+            torch.distributed.all_reduce(dead)
+        loss, mse, sparsity, aux, l0 = stats
+        return {"step": self.step, "tokens": self.tokens, "loss": loss, "mse": mse,
+                "sparsity": sparsity, "aux": aux, "l0": l0, "lr": lr,
+                "sparsity_scale": cfg.sparsity_scale(self.step - 1),
+                "dead_fraction": float(dead) / cfg.d_sae,
+                "step_ms": 1e3 * (time.perf_counter() - t0)}
 
     @torch.no_grad()
-    def _count_fired(self, x, out) -> None:
+    def _fired(self, x, out) -> torch.Tensor:
+        """Which of this rank's features fired on ``x`` (bool ``[sae.d_sae]``)."""
         acts = out.acts
         if acts is None:  # the dense path ran (L0 near d_sae): find the firing features
             s = self.sae
             acts = ops.gated_encode(*self._in_compute_dtype(x, s.W_enc, s.b_dec, s.b_gate,
                                                             s.r_mag, s.b_mag),
                                     backend=s._backend_for(x))
-        fired = torch.bincount(acts.idx[acts.mask()].long(), minlength=self.cfg.d_sae) > 0
-        self.since_fired += x.shape[0]
-        self.since_fired[fired] = 0
+        return torch.bincount(acts.idx[acts.mask()].long(), minlength=self.sae.d_sae) > 0
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -220,7 +278,8 @@ class Trainer:
         """Run to ``cfg.steps`` (or ``stop_after`` more steps); returns the log records.
         ``progress(step, steps, record)`` is called after every step."""
         cfg = self.cfg
-        log_f = open(os.path.join(self.out_dir, "log.jsonl"), "a") if self.out_dir else None
+        log_f = (open(os.path.join(self.out_dir, "log.jsonl"), "a")
+                 if self.out_dir and self.rank == 0 else None)
         records = []
         end = cfg.steps if stop_after is None else min(cfg.steps, self.step + stop_after)
         try:
@@ -246,8 +305,11 @@ class Trainer:
                 log_f.close()
         if self.out_dir:
             self.save_checkpoint(self.checkpoint_path)
-            if self.step >= cfg.steps:
-                self.sae.save_pretrained(os.path.join(self.out_dir, "sae"))
+            if self.step >= cfg.steps and self.rank == 0:
+                sae = (distributed.gathered_sae(self.checkpoint_path, cfg.backend)
+                       if cfg.parallel == "feature" else self.sae)
+                sae.save_pretrained(os.path.join(self.out_dir, "sae"))
+            self._barrier()
         return records
 
     # -- checkpoints ---------------------------------------------------------------------------
@@ -263,21 +325,40 @@ class Trainer:
                 "data": data, "d_in": self.sae.d_in}
 
     def save_checkpoint(self, path: str) -> None:
-        tmp = path + ".tmp"
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, path)  # a kill mid-write leaves the previous checkpoint intact
+        """One file (rank 0 in "data" mode), or one per rank and ``path`` last ("feature":
+        gsae_fast.distributed.save_sharded); every rank calls it."""
+        state = self.state_dict()
+        if self.cfg.parallel != "none":  # every rank's data position (each reads its stream)
+            per_rank = [None] * self.world
+            torch.distributed.all_gather_object(per_rank, state["data"])
+            state["data_per_rank"] = per_rank
+        if self.cfg.parallel == "feature":
+            distributed.save_sharded(state, path, self.features, self.cfg.d_sae)
+            return
+        if self.rank == 0:
+            tmp = path + ".tmp"
+            torch.save(state, tmp)
+            os.replace(tmp, path)  # a kill mid-write leaves the previous checkpoint intact
+        self._barrier()
 
-    def load_checkpoint(self, path: str) -> None:
-        # On the CPU: the RNG states must stay CPU byte tensors (load_state_dict moves the rest).
-        state = torch.load(path, map_location="cpu", weights_only=False)
+    def _check_config(self, state: dict, path: str) -> None:
         mine = asdict(self.cfg)
         theirs = dict(state["config"])
         theirs["betas"] = tuple(theirs["betas"])
         mine["betas"] = tuple(mine["betas"])
+        for c in (mine, theirs):  # how the run is spread is not part of what it computes
+            c.pop("parallel", None)
         if theirs != mine or state["d_in"] != self.sae.d_in:
             diff = {k: (theirs.get(k), mine.get(k)) for k in set(theirs) | set(mine)
                     if theirs.get(k) != mine.get(k)}
             raise ValueError(f"{path} was made with a different configuration: {diff}")
+
+    def load_checkpoint(self, path: str) -> None:
+        """A checkpoint of any parallel mode and number of ranks (resharded as needed)."""
+        # On the CPU: the RNG states must stay CPU byte tensors (load_state_dict moves the rest).
+        features = self.features if self.cfg.parallel == "feature" else None
+        state = distributed.read_checkpoint(path, features,
+                                            check=lambda s: self._check_config(s, path))
         self.sae.load_state_dict(state["sae"])
         self.opt.load_state_dict(state["optimizer"])
         self.step, self.tokens = state["step"], state["tokens"]
@@ -286,12 +367,13 @@ class Trainer:
         torch.set_rng_state(state["rng"]["cpu"])
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        if state["data"] is not None:
+        data = distributed.data_state(state, self.rank, self.world)
+        if data is not None:
             if not hasattr(self.data, "load_state_dict"):
                 raise ValueError("the checkpoint has a data position but this data stream "
                                  "cannot resume (no load_state_dict)")
-            self.data.load_state_dict(state["data"])
-        if self.out_dir:  # drop log lines written after the checkpoint
+            self.data.load_state_dict(data)
+        if self.out_dir and self.rank == 0:  # drop log lines written after the checkpoint
             log = os.path.join(self.out_dir, "log.jsonl")
             if os.path.exists(log):
                 with open(log) as f:
