@@ -57,6 +57,23 @@ discontinuous function of its input: where a downstream gate flips between the c
 patch point, the gradient does not see the jump, so AtP and IG miss it (IG's completeness then
 fails by the jump whatever ``steps``), and only "exact" measures it. With ``"live"`` no downstream
 gate is in the way and completeness holds.
+
+Jump-aware IG (``method="jump_ig"``, with ``other_errors="clean"``): along layer ``L``'s path
+the sets of downstream gates that are on are compared at ``alpha = k / steps``; where they differ
+the interval is bisected down to ``jump_tol`` (per batch row; every crossing separately). Each
+crossing adds the metric's jump there, ``J = m(alpha*+) - m(alpha*-)`` (measured, less the
+smooth change over the final interval), split among ``L``'s nodes in proportion to their share
+of the flipping gate pre-activation's change: node ``v`` gets ``J (dv . grad pi) / (d out_L .
+grad pi)`` (``pi``: the sum of the flipping gates' pre-activations, signed so that it rises;
+the gates of the first downstream layer that flips, since later ones flip because of its jump).
+The gradient part is the midpoint rule on the pieces between crossings, so the kinks at the
+crossings cost no accuracy. The layer's effects then add up to ``m(L patched whole) -
+m(clean)`` up to the smooth part's O(1/steps^2) error, where plain IG misses every jump at any
+``steps``.
+
+Edge effects (:func:`edge_effects`): from the features of an upstream spliced layer to those of
+a downstream one and to the metric, on the graph with held downstream errors; first-order
+("atp", SFC's edges) or exact path patching.
 """
 from __future__ import annotations
 
@@ -72,10 +89,10 @@ from . import activations
 from .activations import _first, _forward_kwargs, _model_device, resolve_hook
 from .types import SparseActs, acc_dtype
 
-__all__ = ["splice", "Splice", "LayerRecord", "NodeEffects", "node_effects", "ablate", "steer",
-           "mean_activations", "METHODS"]
+__all__ = ["splice", "Splice", "LayerRecord", "NodeEffects", "node_effects", "EdgeEffects",
+           "edge_effects", "ablate", "steer", "mean_activations", "METHODS"]
 
-METHODS = ("atp", "ig", "exact")
+METHODS = ("atp", "ig", "jump_ig", "exact")
 OTHER_ERRORS = ("live", "clean")
 IG_ALPHAS = ("midpoint", "left")
 ABLATION_MODES = ("zero", "mean", "value")
@@ -454,7 +471,10 @@ class NodeEffects:
     With method "exact" and a ``features`` candidate list, the changed features left out are
     NaN (not measured). ``error``: the error node's effect, a scalar (or ``[pos]``).
     ``metric_clean`` and ``metric_patch``: the metric of the spliced model on the clean and the
-    patch tokens. ``method``: "atp", "ig" or "exact".
+    patch tokens. ``method``: "atp", "ig", "jump_ig" or "exact". With "jump_ig":
+    ``jump_features`` and ``jump_error``, the parts of ``features`` and ``error`` that come from
+    the jumps at downstream gate crossings, and ``jumps``, the metric's jump at each crossing
+    found (a list, one per crossing and row; their sum is what plain IG misses).
     """
 
     features: Tensor
@@ -462,6 +482,9 @@ class NodeEffects:
     metric_clean: float
     metric_patch: float
     method: str
+    jump_features: Optional[Tensor] = None
+    jump_error: Optional[Tensor] = None
+    jumps: Optional[list] = None
 
     def total(self) -> Tensor:
         """The sum of the layer's node effects (IG: ``~ m(layer patched whole) - m(clean)``)."""
@@ -496,7 +519,8 @@ def node_effects(model: torch.nn.Module, saes: Mapping, clean_tokens: Tensor,
                  patch_tokens: Tensor, metric: Callable[[Tensor], Tensor], *,
                  method: str = "atp", steps: int = 10, per_position: bool = False,
                  features: Optional[Mapping] = None, batch_size: Optional[int] = 32,
-                 other_errors: str = "live", ig_alphas: str = "midpoint") -> dict:
+                 other_errors: str = "live", ig_alphas: str = "midpoint",
+                 jump_tol: float = 1e-5) -> dict:
     """Indirect effects of every SAE feature and error node of the spliced layers on ``metric``.
 
     ``metric(logits [batch, pos, vocab]) -> scalar tensor`` (e.g. a logit difference summed over
@@ -505,7 +529,10 @@ def node_effects(model: torch.nn.Module, saes: Mapping, clean_tokens: Tensor,
     and patch values of the nodes are those of the spliced model on each.
 
     ``method``: ``"atp"`` (one forward per input, one backward), ``"ig"`` (``steps`` points per
-    layer, ``ig_alphas`` "midpoint" ``(k + 0.5) / steps`` or SFC's "left" ``k / steps``) or
+    layer, ``ig_alphas`` "midpoint" ``(k + 0.5) / steps`` or SFC's "left" ``k / steps``),
+    ``"jump_ig"`` (jump-aware IG, with ``other_errors="clean"``: plain IG's cost plus ``steps +
+    1`` forwards to find crossings, ~``log2(1 / (steps * jump_tol))`` batched forwards to bisect
+    them and two passes per crossing; see the module docstring) or
     ``"exact"`` (one forward copy per changed feature, and ``per_position`` per changed
     (position, feature); ``features={layer: ids}`` limits it to candidates). ``batch_size``:
     the most sequences per forward of IG and exact (whole copies of the batch).
@@ -522,6 +549,14 @@ def node_effects(model: torch.nn.Module, saes: Mapping, clean_tokens: Tensor,
         raise ValueError(f"ig_alphas must be one of {IG_ALPHAS}, got {ig_alphas!r}")
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
+    if method == "jump_ig":
+        if other_errors != "clean":
+            raise ValueError("method='jump_ig' needs other_errors='clean': with live error "
+                             "nodes no downstream gate is on the path, and it is plain IG")
+        if ig_alphas != "midpoint":
+            raise ValueError("method='jump_ig' uses the midpoint rule (ig_alphas='midpoint')")
+        if not 0 < jump_tol < 1 / steps:
+            raise ValueError(f"jump_tol must be in (0, 1/steps), got {jump_tol!r}")
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
     if getattr(model, "training", False):
@@ -577,6 +612,7 @@ def node_effects(model: torch.nn.Module, saes: Mapping, clean_tokens: Tensor,
         for key in sp.layers:
             sae = sp.saes[key]
             rc, rp = rec_c[key], rec_p[key]
+            extra = {}
             dtype = torch.promote_types(acc_dtype(_sae_dtype(sae)), acc_dtype(rc.out.dtype))
             delta = _delta(rc.acts, rp.acts)
             d_err = (rp.err - rc.err).detach()
@@ -584,17 +620,29 @@ def node_effects(model: torch.nn.Module, saes: Mapping, clean_tokens: Tensor,
                 g = grad[key]
                 feats = _gradient_effects(sae, delta, g, n_pos, per_position, dtype)
                 err = _error_effect(d_err, g, per_position, dtype)
-            elif method == "ig":
-                g = _ig_mean_grad(model, sp, key, order, clean, metric, rc.out.detach(),
-                                  rp.out.detach(), rec_c, steps, ig_alphas, batch_size,
-                                  other_errors)
+            elif method in ("ig", "jump_ig"):
+                path = _Path(model, sp, key, order, clean, metric, rc.out.detach(),
+                             rp.out.detach(), rec_c, batch_size, other_errors)
+                if method == "ig":
+                    g = _ig_mean_grad(path, steps, ig_alphas)
+                else:
+                    for k in path.after:
+                        _gate_params(sp.saes[k], k)
+                    g, G_jump, jumps = _jump_ig_grad(path, steps, jump_tol)
+                    extra = dict(
+                        jump_features=_gradient_effects(sae, delta, G_jump, n_pos,
+                                                        per_position, dtype),
+                        jump_error=_error_effect(d_err, G_jump, per_position, dtype),
+                        jumps=jumps)
+                    g = g + G_jump
                 feats = _gradient_effects(sae, delta, g, n_pos, per_position, dtype)
                 err = _error_effect(d_err, g, per_position, dtype)
             else:
                 feats, err = _exact(model, sp, key, order, clean, metric, rec_c, d_err, delta,
                                     cand.get(key), per_position, batch_size, other_errors,
                                     dtype, n_pos)
-            results[key] = NodeEffects(feats, err, float(m_clean.detach()), float(m_patch), method)
+            results[key] = NodeEffects(feats, err, float(m_clean.detach()), float(m_patch), method,
+                                       **extra)
     return results
 
 
@@ -616,36 +664,247 @@ def _rules(sp: Splice, key, order, rec_c, copies: int, value: Tensor, other_erro
     return rules
 
 
-def _ig_mean_grad(model, sp, key, order, clean, metric, out_c, out_p, rec_c, steps, ig_alphas,
-                  batch_size, other_errors) -> Tensor:
+class _Path:
+    """Forwards of the spliced model on copies of the clean batch with layer ``key``'s output
+    on the straight line ``out_c + alpha (out_p - out_c)``, one ``alpha`` per copy and row (IG
+    and jump-aware IG); the other layers follow :func:`_rules`."""
+
+    def __init__(self, model, sp, key, order, clean, metric, out_c, out_p, rec_c, batch_size,
+                 other_errors):
+        self.model, self.sp, self.key, self.order, self.clean = model, sp, key, order, clean
+        self.metric, self.out_c, self.out_p, self.rec_c = metric, out_c, out_p, rec_c
+        self.batch_size, self.other_errors = batch_size, other_errors
+        self.B = clean.shape[0]
+        self.dtype = torch.promote_types(out_c.dtype, torch.float32)
+        self.after = order[order.index(key) + 1:] if other_errors == "clean" else []
+        # Keys of the downstream gates in one flat space: layer offset + pos * d_sae + feature.
+        n_pos, self.offsets, off = clean.shape[1], [], 0
+        for k in self.after:
+            self.offsets.append(off)
+            off += n_pos * sp.saes[k].d_sae
+
+    def run(self, alphas: Tensor, *, grad=None, sets: bool = False):
+        """``alphas [copies, B]``. ``grad``: None, ``"metric"`` (``dm/d out_L``) or a function
+        ``(records, first_copy, copies) -> scalar`` to differentiate w.r.t. ``out_L``.
+        Returns (metric per copy [copies], gradient [copies, B, pos, d] or None, and with
+        ``sets`` the downstream active gates: per copy, per row, a sorted key tensor)."""
+        B, out_c, out_p = self.B, self.out_c, self.out_p
+        per = _copies_per_forward(self.batch_size, B)
+        metrics, grads, active = [], [], []
+        try:
+            for s in range(0, alphas.shape[0], per):
+                a = alphas[s:s + per].to(device=out_c.device, dtype=self.dtype)
+                c = a.shape[0]
+                value = (out_c + a.view(c, B, 1, 1) * (out_p - out_c)).reshape(
+                    c * B, *out_c.shape[1:])
+                if grad is not None:
+                    value.requires_grad_()
+                self.sp._internal = _rules(self.sp, self.key, self.order, self.rec_c, c, value,
+                                           self.other_errors, grad=grad is not None)
+                self.sp.records.clear()
+                with torch.set_grad_enabled(grad is not None):
+                    logits = _logits(self.model, self.clean.repeat(c, 1))
+                    ms = [_metric_value(self.metric, logits[j * B:(j + 1) * B])
+                          for j in range(c)]
+                    if grad is not None:
+                        target = sum(ms) if grad == "metric" else grad(self.sp.records, s, c)
+                        if grad == "metric" and not target.requires_grad:
+                            raise ValueError("the metric does not depend on the logits through "
+                                             "autograd (detached?): IG needs its gradient")
+                        (g,) = torch.autograd.grad(target, value, allow_unused=True)
+                        grads.append(torch.zeros_like(value) if g is None else g)
+                metrics.append(torch.stack([m.detach() for m in ms]))
+                if sets:
+                    active += self._active_sets(c)
+        finally:
+            self.sp._internal = {}
+        g = torch.cat(grads).view(alphas.shape[0], *out_c.shape) if grads else None
+        return torch.cat(metrics), g, (active if sets else None)
+
+    def _active_sets(self, c: int) -> list:
+        """Per copy, per row: the sorted keys of the downstream gates that are on."""
+        rows = [[] for _ in range(c * self.B)]
+        for k, off in zip(self.after, self.offsets):
+            acts = self.sp.records[k].acts
+            n_pos, d_sae = acts.idx.shape[1], acts.d_sae
+            pos = torch.arange(n_pos, device=acts.idx.device).view(1, n_pos, 1)
+            keys = off + pos * d_sae + acts.idx.long()
+            mask = acts.mask()
+            for r in range(c * self.B):
+                rows[r].append(keys[r][mask[r]])
+        flat = [torch.cat(r).cpu() if r else torch.zeros(0, dtype=torch.long) for r in rows]
+        return [flat[j * self.B:(j + 1) * self.B] for j in range(c)]
+
+    def gate(self, key: int) -> tuple:
+        """(downstream layer, position, feature) of a gate key."""
+        i = max(j for j, off in enumerate(self.offsets) if off <= key)
+        layer, rest = self.after[i], key - self.offsets[i]
+        d_sae = self.sp.saes[layer].d_sae
+        return layer, rest // d_sae, rest % d_sae
+
+
+def _ig_mean_grad(path: _Path, steps: int, ig_alphas: str) -> Tensor:
     """``mean_alpha dm/d out_L`` along ``out_L(alpha) = out_c + alpha (out_p - out_c)``, the
     line every node of L moving together traces (the decoder is affine)."""
-    B = clean.shape[0]
     shift = 0.5 if ig_alphas == "midpoint" else 0.0
-    alphas = [(k + shift) / steps for k in range(steps)]
-    per = _copies_per_forward(batch_size, B)
-    total = torch.zeros_like(out_c, dtype=torch.promote_types(out_c.dtype, torch.float32))
+    alphas = ((torch.arange(steps, dtype=torch.float64) + shift) / steps).view(-1, 1)
+    _, g, _ = path.run(alphas.expand(steps, path.B), grad="metric")
+    return g.sum(0) / steps
+
+
+def _gate_params(sae, layer) -> tuple:
+    """``(W_enc, b_dec, b_gate)`` of an SAE whose gate is a fixed threshold of a linear
+    function of its input (Gated, JumpReLU, BatchTopK at inference)."""
     try:
-        for s in range(0, steps, per):
-            a = torch.tensor(alphas[s:s + per], dtype=torch.promote_types(
-                out_c.dtype, torch.float32), device=out_c.device)
-            c = a.shape[0]
-            value = (out_c + a.view(c, 1, 1, 1) * (out_p - out_c)).reshape(c * B,
-                                                                            *out_c.shape[1:])
-            value.requires_grad_()
-            sp._internal = _rules(sp, key, order, rec_c, c, value, other_errors, grad=True)
-            with torch.enable_grad():
-                logits = _logits(model, clean.repeat(c, 1))
-                m = sum(_metric_value(metric, logits[j * B:(j + 1) * B]) for j in range(c))
-                if not m.requires_grad:
-                    raise ValueError("the metric does not depend on the logits through "
-                                     "autograd (detached?): IG needs its gradient")
-                (g,) = torch.autograd.grad(m, value, allow_unused=True)
-            if g is not None:
-                total += g.view(c, *out_c.shape).sum(0)
-    finally:
-        sp._internal = {}
-    return total / steps
+        W_enc, b_dec, b_gate, _, _ = sae._encoder_params()
+    except (AttributeError, NotImplementedError):
+        raise ValueError(f"method='jump_ig' needs the SAEs downstream of the patched layer to "
+                         f"have a fixed gate (Gated, JumpReLU, BatchTopK): layer {layer!r} has a "
+                         f"{type(sae).__name__}, whose TopK selection has none") from None
+    return W_enc.detach(), b_dec.detach(), b_gate.detach()
+
+
+def _pack(items: list, B: int) -> list:
+    """Pack ``(row, ...)`` items into copies of the batch, at most one item per row per copy."""
+    copies: list = []
+    for it in items:
+        for cp in copies:
+            if it[0] not in cp:
+                cp[it[0]] = it
+                break
+        else:
+            copies.append({it[0]: it})
+    return copies
+
+
+def _locate_crossings(path: _Path, steps: int, tol: float) -> list:
+    """Where the downstream gates flip along the path, per row: ``(row, lo, hi, gates_lo,
+    gates_hi)`` with ``hi - lo <= tol``. The sets of gates that are on are compared at ``alpha
+    = k / steps``; an interval where they differ is bisected (both halves when the midpoint
+    differs from both ends) until it is shorter than ``tol``. A gate that flips and flips back
+    between two grid points is not seen."""
+    B = path.B
+    grid = (torch.arange(steps + 1, dtype=torch.float64) / steps).view(-1, 1)
+    _, _, sets = path.run(grid.expand(steps + 1, B), sets=True)
+    pending = [(b, k / steps, (k + 1) / steps, sets[k][b], sets[k + 1][b])
+               for b in range(B) for k in range(steps) if not torch.equal(sets[k][b],
+                                                                           sets[k + 1][b])]
+    events = []
+    while pending:
+        events += [p for p in pending if p[2] - p[1] <= tol]
+        todo = _pack([p for p in pending if p[2] - p[1] > tol], B)
+        pending = []
+        if not todo:
+            break
+        alphas = torch.zeros(len(todo), B, dtype=torch.float64)
+        for ci, cp in enumerate(todo):
+            for b, (_, lo, hi, _, _) in cp.items():
+                alphas[ci, b] = (lo + hi) / 2
+        _, _, mid_sets = path.run(alphas, sets=True)
+        for ci, cp in enumerate(todo):
+            for b, (_, lo, hi, s_lo, s_hi) in cp.items():
+                mid, s_mid = (lo + hi) / 2, mid_sets[ci][b]
+                if not torch.equal(s_mid, s_lo):
+                    pending.append((b, lo, mid, s_lo, s_mid))
+                if not torch.equal(s_mid, s_hi):
+                    pending.append((b, mid, hi, s_mid, s_hi))
+    return events
+
+
+def _jump_gradients(path: _Path, events: list) -> tuple[Tensor, list]:
+    """For each crossing, the metric's jump ``J = m_row(hi) - m_row(lo)`` and the gradient
+    ``G`` w.r.t. ``out_L`` (at ``lo``, row ``b``) of the flipping gates' pre-activation
+    (``sum_g s_g pi_g``, ``s_g = +1`` for a gate turning on, -1 off; only the gates of the
+    first downstream layer that flips: later ones flip because of its jump). Returns
+    ``sum_e J_e G_e / (G_e . (out_p - out_c))`` (so that the node shares ``dv . G_e /
+    (G_e . d out)`` of one crossing add up to its jump) and the jumps."""
+    B = path.B
+    d_out = (path.out_p - path.out_c).to(path.dtype)
+    G_jump = torch.zeros_like(path.out_c, dtype=path.dtype)
+    jumps = []
+    by_row: dict = {}
+    for e in events:
+        by_row.setdefault(e[0], []).append(e)
+    rounds = max((len(v) for v in by_row.values()), default=0)
+    for r in range(rounds):
+        batch = [v[r] for v in by_row.values() if len(v) > r]
+        gates = {}
+        for b, lo, hi, s_lo, s_hi in batch:
+            on = s_hi[~torch.isin(s_hi, s_lo)].tolist()
+            off = s_lo[~torch.isin(s_lo, s_hi)].tolist()
+            flips = [(path.gate(k), 1.0) for k in on] + [(path.gate(k), -1.0) for k in off]
+            first = min(path.after.index(g[0]) for g, _ in flips)
+            gates[b] = [(g, s) for g, s in flips if path.after.index(g[0]) == first]
+        # Copy 0: every row of this round at its lo; copy 1 + i: event i's row at its hi.
+        alphas = torch.zeros(1 + len(batch), B, dtype=torch.float64)
+        for i, (b, lo, hi, _, _) in enumerate(batch):
+            alphas[:, b] = lo
+            alphas[1 + i, b] = hi
+
+        def preact(records, first_copy, copies):
+            total = 0.0
+            for b, gs in gates.items():
+                for (layer, t, j), sign in gs:
+                    sae = path.sp.saes[layer]
+                    W_enc, b_dec, b_gate = _gate_params(sae, layer)
+                    x = records[layer].x[b, t].to(W_enc.dtype)
+                    total = total + sign * ((x - b_dec) @ W_enc[:, j] + b_gate[j])
+            return total
+
+        m, gm, _ = path.run(alphas, grad="metric")
+        _, g, _ = path.run(alphas[:1], grad=preact)
+        for i, (b, lo, hi, _, _) in enumerate(batch):
+            # The smooth change over [lo, hi] (trapezoid) is not part of the jump: the
+            # Riemann sum over the pieces already has it.
+            smooth = (hi - lo) / 2 * float(((gm[0, b] + gm[1 + i, b]) * d_out[b]).sum())
+            J = float(m[1 + i] - m[0]) - smooth
+            G = g[0, b].to(path.dtype)
+            speed = float((G * d_out[b]).sum())  # d(sum s pi)/d alpha at the crossing
+            jumps.append(J)
+            if speed != 0.0:
+                G_jump[b] += (J / speed) * G
+            else:
+                warnings.warn(f"jump_ig: a gate flips at alpha={lo:.6g} (row {b}) with no "
+                              f"first-order change of its pre-activation; its jump {J:.3g} is "
+                              f"left unassigned", stacklevel=3)
+    return G_jump, jumps
+
+
+def _jump_ig_grad(path: _Path, steps: int, tol: float) -> tuple[Tensor, Tensor, list]:
+    """Jump-aware IG: the mean gradient by the midpoint rule on the pieces between crossings
+    (a crossing splits its grid interval; the gradient is smooth within a piece), plus the
+    jumps, each split among the nodes by their share of the flipping gate pre-activation's
+    change. Returns (mean gradient, jump gradient G_jump, the jumps)."""
+    B = path.B
+    events = _locate_crossings(path, steps, tol)
+    cuts: dict = {}
+    for b, lo, hi, _, _ in events:
+        cuts.setdefault(b, []).append((lo + hi) / 2)
+    samples = []
+    for b in range(B):
+        edges = sorted(set([k / steps for k in range(steps + 1)] + cuts.get(b, [])))
+        samples.append([((a0 + a1) / 2, a1 - a0) for a0, a1 in zip(edges, edges[1:])])
+    n = max(len(s) for s in samples)
+    alphas = torch.full((n, B), 0.5, dtype=torch.float64)
+    weights = torch.zeros(n, B, dtype=torch.float64)
+    for b, s in enumerate(samples):
+        for i, (a, w) in enumerate(s):
+            alphas[i, b], weights[i, b] = a, w
+    _, g, _ = path.run(alphas, grad="metric")
+    w = weights.to(device=g.device, dtype=g.dtype).view(n, B, *([1] * (g.dim() - 2)))
+    mean_grad = (w * g).sum(0)
+    G_jump, jumps = _jump_gradients(path, events) if events else (torch.zeros_like(mean_grad),
+                                                                  [])
+    return mean_grad, G_jump, jumps
+
+
+def _add_features(value: Tensor, sae, copy: Tensor, rows: Tensor, feats: Tensor,
+                  vals: Tensor) -> None:
+    """``value[copy, row] += val * W_dec[feat]`` for each triplet (``value [c, B, pos, d]``;
+    ``rows`` index the flat ``B * pos`` tokens): a change of activations, decoded."""
+    tokens = value.shape[1] * value.shape[2]
+    contrib = vals.to(value.dtype).unsqueeze(-1) * _decoder_rows(sae, feats).to(value.dtype)
+    value.view(-1, value.shape[-1]).index_add_(0, copy * tokens + rows, contrib)
 
 
 def _exact(model, sp, key, order, clean, metric, rec_c, d_err, delta, candidates, per_position,
@@ -682,7 +941,6 @@ def _exact(model, sp, key, order, clean, metric, rec_c, d_err, delta, candidates
     jobs = [("base", None)] + [("feat", j) for j in range(n_feat)] + \
         [("err", t) for t in err_jobs]
     per = _copies_per_forward(batch_size, B)
-    tokens_per_copy = B * n_pos
     metrics = []
     try:
         with torch.no_grad():
@@ -695,10 +953,7 @@ def _exact(model, sp, key, order, clean, metric, rec_c, d_err, delta, candidates
                     lo, hi = min(feat_jobs), max(feat_jobs)  # consecutive job indices
                     sel = (job_of >= lo) & (job_of <= hi)
                     copy = job_of[sel] - lo + feat_jobs[lo]
-                    contrib = vals[sel].to(value.dtype).unsqueeze(-1) * \
-                        _decoder_rows(sae, feats[sel]).to(value.dtype)
-                    value.view(c * tokens_per_copy, -1).index_add_(
-                        0, copy * tokens_per_copy + rows[sel], contrib)
+                    _add_features(value, sae, copy, rows[sel], feats[sel], vals[sel])
                 for ci, (kind, t) in enumerate(chunk):
                     if kind == "err":
                         if t is None:
@@ -722,6 +977,267 @@ def _exact(model, sp, key, order, clean, metric, rec_c, d_err, delta, candidates
     else:
         err_eff = eff[n_feat] if err_jobs else torch.zeros((), dtype=dtype, device=device)
     return (feat_eff.view(n_pos, d_sae) if per_position else feat_eff), err_eff
+
+
+# ------------------------------------------------------------------------------ edge effects
+
+@dataclass
+class EdgeEffects:
+    """Edge effects from the features of an upstream spliced layer ``U`` to those of a
+    downstream one ``D`` and to the metric (summed over positions and the batch).
+
+    ``upstream [n_u]``: the ``U`` features that change between clean and patch (or the
+    candidates among them); ``downstream [n_d]``: the ``D`` features an edge can reach
+    ("atp": those active somewhere on the clean tokens, the only ones with a gradient;
+    "exact": those that change when some upstream feature is patched). ``effects [n_u, n_d]``:
+    the effect of ``u`` on the metric through ``d``; ``to_metric [n_u]``: through every path
+    that avoids ``D``'s output. ``flips [n_u, n_d]`` ("exact" only): patching ``u`` turned
+    ``d``'s gate on or off at some position (a jump the first-order "atp" cannot see).
+    """
+
+    upstream: Tensor
+    downstream: Tensor
+    effects: Tensor
+    to_metric: Tensor
+    metric_clean: float
+    metric_patch: float
+    method: str
+    flips: Optional[Tensor] = None
+
+
+def _stop_after(rule):
+    """A forward rule that runs ``rule`` and then stops the forward (edges need D's features,
+    not the logits)."""
+    def stop(key, x, sae):
+        out, rec = rule(key, x, sae)
+        rec.out = out
+        raise _Reached(rec)
+    return stop
+
+
+class _Reached(BaseException):
+    def __init__(self, record):
+        self.record = record
+
+
+def _rows_of(acts: SparseActs, lo: int, hi: int) -> SparseActs:
+    return SparseActs(idx=acts.idx[lo:hi], f=acts.f[lo:hi], pi_gate=acts.pi_gate[lo:hi],
+                      counts=acts.counts[lo:hi], d_sae=acts.d_sae)
+
+
+def edge_effects(model: torch.nn.Module, saes: Mapping, clean_tokens: Tensor,
+                 patch_tokens: Tensor, metric: Callable[[Tensor], Tensor], upstream: str,
+                 downstream: str, *, method: str = "atp", features=None,
+                 batch_size: Optional[int] = 32) -> EdgeEffects:
+    """Edge effects between the features of two spliced layers, ``upstream`` -> ``downstream``
+    and ``upstream`` -> metric (:class:`EdgeEffects`), on the graph of
+    ``node_effects(..., other_errors="clean")``: the error nodes of the layers after
+    ``upstream`` are held at their clean values, so every path from an upstream feature ``u``
+    through ``downstream``'s output goes through its features.
+
+    ``"atp"`` (SFC's first-order edges): ``e(u, d) = sum dm/da_d . da_d/da_u . (a_u,patch -
+    a_u,clean)`` at the clean point, one backward per downstream feature active on the clean
+    tokens (batched as copies); ``to_metric(u)`` the same with ``downstream``'s output held.
+    They add up to ``u``'s AtP node effect (with ``other_errors="clean"``).
+    ``"exact"`` (path patching): ``e(u, d) = m(clean, a_d set to its value when u is patched)
+    - m(clean)``; ``to_metric(u) = m(u patched, downstream's output held clean) - m(clean)``.
+    ``features``: candidate ids of ``upstream`` (default: every feature that changes).
+    """
+    if method not in ("atp", "exact"):
+        raise ValueError(f"method must be 'atp' or 'exact', got {method!r}")
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
+    if upstream == downstream:
+        raise ValueError("upstream and downstream must be two different spliced layers")
+    clean, patch = _check_tokens(clean_tokens, patch_tokens, _model_device(model))
+    B, n_pos = clean.shape
+    U, D = upstream, downstream
+    with splice(model, saes) as sp:
+        sp._check_layer(U)
+        sp._check_layer(D)
+        recs = []
+        for tokens in (clean, patch):
+            sp.records.clear()
+            with torch.no_grad():
+                m = _metric_value(metric, _logits(model, tokens))
+            recs.append((m, dict(sp.records), list(sp.order)))
+        (m_clean, rec_c, order), (m_patch, rec_p, _) = recs
+        if U not in order or D not in order:
+            raise ValueError(f"layers {[k for k in (U, D) if k not in order]} did not run in the "
+                             f"model's forward")
+        if order.index(U) > order.index(D):
+            raise ValueError(f"{U!r} runs after {D!r}: upstream must come first")
+        sae_u, sae_d = sp.saes[U], sp.saes[D]
+        dtype = torch.promote_types(acc_dtype(_sae_dtype(sae_u)),
+                                    acc_dtype(rec_c[U].out.dtype))
+        delta = _delta(rec_c[U].acts, rec_p[U].acts)
+        rows, feats, vals = delta
+        up = torch.unique(feats)
+        if features is not None:
+            cand = torch.unique(torch.as_tensor(features, dtype=torch.long).reshape(-1))
+            if cand.numel() and (cand.min() < 0 or cand.max() >= sae_u.d_sae):
+                raise ValueError(f"features: ids must be in [0, {sae_u.d_sae})")
+            up = up[torch.isin(up, cand.to(up.device))]
+        out_u = rec_c[U].out.detach()
+        out_d = rec_c[D].out.detach()
+        per = _copies_per_forward(batch_size, B)
+
+        def rules(c, value_u, grad, d_rule=None):
+            r = _rules(sp, U, order, rec_c, c, value_u, "clean", grad=grad)
+            if d_rule is not None:
+                r[D] = d_rule
+            return r
+
+        def forward(c, rule_set, want_metric=True):
+            """Run ``c`` copies of the clean batch; returns the metric per copy, or D's record
+            when D's rule stops the forward."""
+            sp._internal = rule_set
+            try:
+                logits = _logits(model, clean.repeat(c, 1))
+            except _Reached as reached:
+                return reached.record
+            finally:
+                sp._internal = {}
+            return [_metric_value(metric, logits[j * B:(j + 1) * B]) for j in range(c)]
+
+        def patched_u(jobs):
+            """``out_U`` per copy with upstream feature ``jobs[i]`` patched in copy ``i``."""
+            value = out_u.unsqueeze(0).repeat(len(jobs), 1, 1, 1)
+            for ci, u in enumerate(jobs):
+                sel = feats == u
+                _add_features(value, sae_u, torch.full_like(rows[sel], ci), rows[sel],
+                              feats[sel], vals[sel])
+            return value.reshape(len(jobs) * B, *out_u.shape[1:])
+
+        if method == "atp":
+            effects, to_metric, down, flips = _edges_atp(
+                sp, sae_u, sae_d, D, rec_c, delta, up, out_u, out_d, n_pos, per, dtype, rules,
+                forward, order)
+        else:
+            effects, to_metric, down, flips = _edges_exact(
+                sp, sae_u, sae_d, D, rec_c, up, out_u, out_d, B, per, dtype, rules, forward,
+                patched_u, order)
+    return EdgeEffects(up, down, effects, to_metric, float(m_clean), float(m_patch), method,
+                       flips)
+
+
+def _edges_atp(sp, sae_u, sae_d, D, rec_c, delta, up, out_u, out_d, n_pos, per, dtype, rules,
+               forward, order):
+    # dm/d out_D at the clean point (the layers after D re-encode with their clean errors).
+    value_d = out_d.clone().requires_grad_()
+    with torch.enable_grad():
+        m = sum(forward(1, _rules(sp, D, order, rec_c, 1, value_d, "clean", grad=True)))
+        (g_d,) = torch.autograd.grad(m, value_d, allow_unused=True)
+    g_d = torch.zeros_like(value_d) if g_d is None else g_d
+    acts_d = rec_c[D].acts
+    down = torch.unique(acts_d.idx[acts_d.mask()].long())
+    # w[t, d] = dm/da_d[t] = W_dec_D[d] . g_D[t], for the downstream candidates.
+    g_flat = g_d.reshape(-1, g_d.shape[-1]).to(dtype)
+    w = g_flat @ _decoder_rows(sae_d, down).to(dtype).T  # [tokens, n_d]
+    effects = torch.zeros(up.numel(), down.numel(), dtype=dtype, device=out_u.device)
+
+    def on_up(grad):  # the effects on the metric of a gradient w.r.t. out_U, per u
+        return _gradient_effects(sae_u, delta, grad, n_pos, False, dtype)[up]
+
+    for s in range(0, down.numel(), per):
+        ds = down[s:s + per]
+        c = ds.numel()
+        value = out_u.repeat(c, 1, 1).requires_grad_()
+        with torch.enable_grad():
+            rec = forward(c, rules(c, value, True, _stop_after(_reencode(
+                sp, rec_c[D].err.detach().repeat(c, 1, 1), sae_grad=True, err_grad=False))))
+            a = rec.acts  # [c * B, pos] rows
+            K = a.capacity
+            idx, f, mask = a.idx.reshape(c, -1, K).long(), a.f.reshape(c, -1, K), \
+                a.mask().reshape(c, -1, K)
+            hit = mask & (idx == ds.view(c, 1, 1))  # slot of feature ds[ci] in copy ci
+            f_d = torch.where(hit, f, torch.zeros((), dtype=f.dtype)).sum(-1)  # [c, tokens]
+            y = (f_d.to(dtype) * w[:, s:s + c].T).sum()
+            (g,) = torch.autograd.grad(y, value, allow_unused=True)
+        if g is None:
+            continue
+        g = g.view(c, *out_u.shape)
+        for ci in range(c):
+            effects[:, s + ci] = on_up(g[ci])
+    # to the metric avoiding D: D outputs its clean value (a constant).
+    value = out_u.clone().requires_grad_()
+    with torch.enable_grad():
+        m = sum(forward(1, rules(1, value, True, _inject(sp, out_d))))
+        (g,) = torch.autograd.grad(m, value, allow_unused=True) if m.requires_grad else (None,)
+    to_metric = on_up(torch.zeros_like(out_u) if g is None else g)
+    return effects, to_metric, down, None
+
+
+def _active_keys(acts: SparseActs) -> Tensor:
+    """``row * d_sae + feature`` of the active slots."""
+    r, k = acts.mask().reshape(-1, acts.capacity).nonzero(as_tuple=True)
+    return r * acts.d_sae + acts.idx.reshape(-1, acts.capacity)[r, k].long()
+
+
+def _edges_exact(sp, sae_u, sae_d, D, rec_c, up, out_u, out_d, B, per, dtype, rules, forward,
+                 patched_u, order):
+    device, d_sae = out_u.device, sae_d.d_sae
+    acts_c = rec_c[D].acts
+    err_d = rec_c[D].err.detach()
+    on_clean = _active_keys(acts_c)
+    # 1. D's activations with each upstream feature patched: their change, per u.
+    changes, flipped = [], []  # per u: (rows, feats, vals) of D's change; features that flipped
+    with torch.no_grad():
+        for s in range(0, up.numel(), per):
+            jobs = up[s:s + per].tolist()
+            c = len(jobs)
+            rec = forward(c, rules(c, patched_u(jobs), False, _stop_after(_reencode(
+                sp, err_d.repeat(c, 1, 1), sae_grad=False, err_grad=False))))
+            for ci in range(c):
+                a = _rows_of(rec.acts, ci * B, (ci + 1) * B)
+                changes.append(_delta(acts_c, a))
+                on = _active_keys(a)
+                diff = torch.cat([on[~torch.isin(on, on_clean)], on_clean[~torch.isin(on_clean, on)]])
+                flipped.append(torch.unique(diff % d_sae))
+    down = torch.unique(torch.cat([ch[1] for ch in changes] + [torch.zeros(0, dtype=torch.long,
+                                                                          device=device)]))
+    effects = torch.zeros(up.numel(), down.numel(), dtype=dtype, device=device)
+    flips = torch.zeros(up.numel(), down.numel(), dtype=torch.bool, device=device)
+    # 2. Each (u, d) pair: D's feature d set to its value under u, all else clean.
+    pairs = [(ui, int(torch.searchsorted(down, d))) for ui, ch in enumerate(changes)
+             for d in torch.unique(ch[1]).tolist()]
+    jobs = [None] + pairs  # job 0: nothing patched, the baseline in the same configuration
+    metrics = []
+    with torch.no_grad():
+        for s in range(0, len(jobs), per):
+            chunk = jobs[s:s + per]
+            c = len(chunk)
+            value = out_d.unsqueeze(0).repeat(c, 1, 1, 1)
+            for ci, job in enumerate(chunk):
+                if job is None:
+                    continue
+                r, f, v = changes[job[0]]
+                sel = f == down[job[1]]
+                _add_features(value, sae_d, torch.full_like(r[sel], ci), r[sel], f[sel], v[sel])
+            value = value.reshape(c * B, *out_d.shape[1:])
+            metrics += forward(c, _rules(sp, D, order, rec_c, c, value, "clean", grad=False))
+        base = metrics[0]
+        for (ui, di), m in zip(pairs, metrics[1:]):
+            effects[ui, di] = (m - base).to(dtype)
+        for ui, fl in enumerate(flipped):
+            flips[ui] = torch.isin(down, fl)
+        # 3. To the metric avoiding D: u patched, D's output held at its clean value.
+        to_metric = torch.zeros(up.numel(), dtype=dtype, device=device)
+        jobs = [None] + up.tolist()
+        metrics = []
+        for s in range(0, len(jobs), per):
+            chunk = jobs[s:s + per]
+            c = len(chunk)
+            value = out_u.unsqueeze(0).repeat(c, 1, 1, 1).reshape(c * B, *out_u.shape[1:])
+            us = [u for u in chunk if u is not None]
+            if us:
+                first = chunk.index(us[0])
+                value[first * B:] = patched_u(us)
+            metrics += forward(c, rules(c, value, False,
+                                        _inject(sp, out_d.repeat(c, 1, 1))))
+        for ui, m in enumerate(metrics[1:]):
+            to_metric[ui] = (m - metrics[0]).to(dtype)
+    return effects, to_metric, down, flips
 
 
 # ------------------------------------------------------------------ ablation, steering, means

@@ -409,7 +409,10 @@ def test_node_effects_stay_sparse(setup, monkeypatch):
     monkeypatch.setattr(gsae_fast.GatedSAE, "encode", refuse)
     for method in interp.METHODS:
         interp.node_effects(model, saes, clean, patch, metric, method=method, steps=2,
-                            batch_size=64)
+                            batch_size=64, other_errors="clean" if method == "jump_ig" else "live")
+    for method in ("atp", "exact"):
+        interp.edge_effects(model, saes, clean, patch, metric, "resid:0", "resid:1",
+                            method=method, features=[0, 1, 2])
     with torch.no_grad(), interp.ablate(model, saes, {"resid:0": [1, 2]}, mode="mean",
                                         values=torch.rand(D_SAE, dtype=torch.float64)):
         _run(model, clean)
@@ -532,3 +535,235 @@ def test_errors(setup):
         interp.ablate(model, saes, {"resid:0": [1]}, mode="mean")
     with pytest.raises(ValueError, match=r"ids must be in \[0, 64\)"):
         interp.steer(model, saes, "resid:0", 64, 1.0).__enter__()
+
+
+# --------------------------------------------------------------------------- jump-aware IG
+
+ALPHA_STAR = 0.37
+
+
+def _path_metric(model, saes, clean, out_c, out_p, alpha, grad=False):
+    """The metric with resid:0 outputting out_c + alpha (out_p - out_c) and resid:1 spliced
+    with its clean error held, by hand (activations.splice + a one-layer interp splice); with
+    ``grad`` also dm / d(resid:0 output) and the resid:1 input."""
+    value = (out_c + alpha * (out_p - out_c)).detach().requires_grad_(grad)
+    _, rc = _records(model, saes, clean)
+    with A.splice(model, "resid:0", lambda x: value), \
+            interp.splice(model, {"resid:1": saes["resid:1"]}) as sp, \
+            torch.set_grad_enabled(grad):
+        sp.set("resid:1", err=rc["resid:1"].err.detach())
+        m = metric(_run(model, clean))
+    return m, value, sp["resid:1"].x
+
+
+@pytest.fixture(scope="module")
+def one_crossing(setup):
+    """resid:1's SAE reduced to one live feature j whose gate crosses exactly once along
+    resid:0's IG path, at alpha = ALPHA_STAR (row 0, position 6); the magnitude is 3 above
+    the gate there (a real jump)."""
+    model, clean, patch = setup["model"], setup["clean"], setup["patch"]
+    saes = {L: copy.deepcopy(s) for L, s in setup["saes"]["cpu"].items()}
+    sae1 = saes["resid:1"]
+    _, rc = _records(model, saes, clean)
+    _, rp = _records(model, saes, patch)
+    out_c, out_p = rc["resid:0"].out.detach(), rp["resid:0"].out.detach()
+    grid = torch.linspace(0, 1, 201, dtype=torch.float64)
+    with torch.no_grad():
+        z = torch.stack([(_path_metric(model, saes, clean, out_c, out_p, a)[2] - sae1.b_dec)
+                         @ sae1.W_enc for a in grid])  # [alpha, B, pos, d_sae]
+        z_star = (_path_metric(model, saes, clean, out_c, out_p, ALPHA_STAR)[2]
+                  - sae1.b_dec) @ sae1.W_enc
+    for j in (z[-1, 0, 6] - z[0, 0, 6]).abs().argsort(descending=True).tolist():
+        theta = z_star[0, 6, j]
+        crossings = ((z[1:, ..., j] > theta) != (z[:-1, ..., j] > theta)).sum()
+        if crossings == 1:
+            break
+    else:
+        pytest.fail("no feature with a single crossing")
+    with torch.no_grad():
+        sae1.b_gate.fill_(-1e3)
+        sae1.b_gate[j] = -theta
+        sae1.b_mag[j] = torch.exp(sae1.r_mag[j]) * sae1.b_gate[j] + 3.0
+    return dict(saes=saes, j=j, out_c=out_c, out_p=out_p)
+
+
+def test_jump_ig_on_one_crossing(setup, one_crossing):
+    """Jump-aware IG at steps=4 finds the one crossing, adds the metric's jump there (measured
+    by hand on both sides of alpha*), splits it among resid:0's nodes by their share of the
+    gate pre-activation's change (its gradient by hand), matches plain IG at steps=2048 on the
+    smooth part, and is complete (plain IG misses the layer's total by the jump, at any N)."""
+    model, clean, patch = setup["model"], setup["clean"], setup["patch"]
+    saes, j = one_crossing["saes"], one_crossing["j"]
+    out_c, out_p = one_crossing["out_c"], one_crossing["out_p"]
+    kw = dict(other_errors="clean")
+    ji = interp.node_effects(model, saes, clean, patch, metric, method="jump_ig", steps=4,
+                             **kw)["resid:0"]
+    ig4 = interp.node_effects(model, saes, clean, patch, metric, method="ig", steps=4,
+                              **kw)["resid:0"]
+    ig_big = interp.node_effects(model, saes, clean, patch, metric, method="ig", steps=2048,
+                                 batch_size=1024, **kw)["resid:0"]
+    pm = lambda a: _path_metric(model, saes, clean, out_c, out_p, a)[0].item()  # noqa: E731
+    jump = pm(ALPHA_STAR + 1e-9) - pm(ALPHA_STAR - 1e-9)
+    assert abs(jump) > 1e-4
+    assert len(ji.jumps) == 1 and ji.jumps[0] == pytest.approx(jump, rel=1e-4)
+    jump_part = ji.jump_features.sum() + ji.jump_error
+    assert jump_part.item() == pytest.approx(jump, rel=1e-4)
+    # the smooth part: within 1% of plain IG at N=2048 already at N=4, and converging as the
+    # midpoint rule on smooth pieces does (1/N^2: the kink at alpha* is a piece boundary);
+    # measured: 5.9e-6 at N=4, 3.9e-7 at N=16, 1.1e-7 at N=32 (plain IG: 2.7e-5, 4.7e-7, 7.5e-7)
+    ji16 = interp.node_effects(model, saes, clean, patch, metric, method="jump_ig", steps=16,
+                               **kw)["resid:0"]
+    scale = ig_big.features.abs().max().item()
+    err4, err16 = ((r.features - r.jump_features - ig_big.features).abs().max().item()
+                   for r in (ji, ji16))
+    assert err4 < 0.01 * scale and err16 < err4 / 10, (err4, err16, scale)
+    assert ji16.jumps[0] == pytest.approx(jump, rel=1e-4)
+    # completeness: m(resid:0 patched whole, errors downstream held) - m(clean)
+    target = pm(1.0) - pm(0.0)
+    assert ji.total().item() == pytest.approx(target, rel=3e-3)     # Riemann error at N=4
+    assert ji16.total().item() == pytest.approx(target, rel=1e-4)
+    assert abs(ig_big.total().item() - target) == pytest.approx(abs(jump), rel=1e-2)
+    assert abs(jump) > 0.05 * abs(target)   # what plain IG misses at any N: 7% here
+    # the split, by hand: node v gets jump * (dv . grad pi_j) / (d out . grad pi_j)
+    _, value, x1 = _path_metric(model, saes, clean, out_c, out_p, ALPHA_STAR, grad=True)
+    sae1 = saes["resid:1"]
+    pi = (x1[0, 6] - sae1.b_dec) @ sae1.W_enc[:, j] + sae1.b_gate[j]
+    (g,) = torch.autograd.grad(pi, value)
+    _, rc = _records(model, saes, clean)
+    _, rp = _records(model, saes, patch)
+    d_acts = rp["resid:0"].acts.to_dense() - rc["resid:0"].acts.to_dense()  # [B, pos, d_sae]
+    share = torch.einsum("bti,id,btd->i", d_acts, saes["resid:0"].W_dec.detach(), g)
+    err_share = ((rp["resid:0"].err - rc["resid:0"].err) * g).sum()
+    speed = ((out_p - out_c) * g).sum()
+    torch.testing.assert_close(ji.jump_features, jump * share / speed, rtol=1e-4, atol=1e-10)
+    assert ji.jump_error.item() == pytest.approx((jump * err_share / speed).item(), rel=1e-4)
+
+
+def test_jump_ig_on_many_crossings(setup):
+    """On the unmodified SAEs (many downstream gates flip along resid:0's path), jump-aware IG
+    is complete at steps=4 where plain IG misses by the sum of the jumps, and the last spliced
+    layer (nothing downstream) gets plain IG's numbers."""
+    model, saes, clean, patch = (setup[k] for k in ("model", "saes", "clean", "patch"))
+    saes = saes["cpu"]
+    _, rc = _records(model, saes, clean)
+    _, rp = _records(model, saes, patch)
+    out_c, out_p = rc["resid:0"].out.detach(), rp["resid:0"].out.detach()
+    target = (_path_metric(model, saes, clean, out_c, out_p, 1.0)[0]
+              - _path_metric(model, saes, clean, out_c, out_p, 0.0)[0]).item()
+    ji = interp.node_effects(model, saes, clean, patch, metric, method="jump_ig", steps=4,
+                             other_errors="clean")
+    ig = interp.node_effects(model, saes, clean, patch, metric, method="ig", steps=512,
+                             other_errors="clean", batch_size=256)
+    r0 = ji["resid:0"]
+    assert len(r0.jumps) > 5
+    assert r0.total().item() == pytest.approx(target, abs=1e-5 * abs(target))
+    assert abs(ig["resid:0"].total().item() - target) > 10 * abs(r0.total().item() - target)
+    # plain IG converges to the total without the jumps (slowly: each crossing is a kink)
+    assert (ig["resid:0"].total() + sum(r0.jumps)).item() == pytest.approx(target, rel=2e-4)
+    r1 = ji["resid:1"]
+    assert r1.jumps == [] and (r1.jump_features == 0).all()
+    ig2 = interp.node_effects(model, saes, clean, patch, metric, method="ig", steps=4,
+                              other_errors="clean")["resid:1"]
+    torch.testing.assert_close(r1.features, ig2.features)
+
+
+def test_jump_ig_bad_input(setup):
+    model, saes, clean, patch = (setup[k] for k in ("model", "saes", "clean", "patch"))
+    saes = saes["cpu"]
+    with pytest.raises(ValueError, match="other_errors='clean'"):
+        interp.node_effects(model, saes, clean, patch, metric, method="jump_ig")
+    with pytest.raises(ValueError, match="jump_tol"):
+        interp.node_effects(model, saes, clean, patch, metric, method="jump_ig", steps=4,
+                            other_errors="clean", jump_tol=0.5)
+    topk = gsae_fast.TopKSAE(D, D_SAE, k=8, dtype=torch.float64, backend="cpu")
+    with pytest.raises(ValueError, match="fixed gate"):
+        interp.node_effects(model, {"resid:0": saes["resid:0"], "resid:1": topk}, clean, patch,
+                            metric, method="jump_ig", other_errors="clean")
+
+
+# ----------------------------------------------------------------------------- edge effects
+
+
+def test_edges_atp_add_up_to_node_atp(setup):
+    """AtP edges u -> d of resid:0 -> resid:1 plus u -> metric add up to u's AtP node effect
+    with held downstream errors (the chain rule through resid:1's features)."""
+    model, saes, clean, patch = (setup[k] for k in ("model", "saes", "clean", "patch"))
+    saes = saes["cpu"]
+    e = interp.edge_effects(model, saes, clean, patch, metric, "resid:0", "resid:1")
+    node = interp.node_effects(model, saes, clean, patch, metric, method="atp",
+                               other_errors="clean")["resid:0"]
+    assert e.effects.shape == (e.upstream.numel(), e.downstream.numel())
+    assert e.upstream.numel() > 10 and e.downstream.numel() > 10
+    assert (e.effects != 0).sum() > 100
+    torch.testing.assert_close(e.effects.sum(1) + e.to_metric, node.features[e.upstream],
+                               atol=1e-14, rtol=1e-9)
+    # resid:1 is the whole residual stream: no path avoids it
+    assert (e.to_metric == 0).all()
+
+
+def test_edges_atp_equal_exact_when_linear(setup):
+    """With blocks 1 and 2 adding nothing and ln_f the identity, resid:1's input is resid:0's
+    output and the logits are linear in resid:1's output; a resid:1 feature whose gate does not
+    flip is then linear in resid:0's output (its magnitude stays above 0), so AtP edges equal
+    exact path patching on every pair without a flip, and differ on pairs with one. With mlp:1
+    downstream instead (block 1's attention still off), the path u -> metric around it is
+    linear too: AtP and exact agree on it."""
+    lin = copy.deepcopy(setup["model"])
+    with torch.no_grad():
+        for i in (1, 2):
+            blk = lin.transformer.h[i]
+            for p in (blk.attn.c_proj.weight, blk.attn.c_proj.bias):
+                p.zero_()
+            if i == 2:
+                blk.mlp.c_proj.weight.zero_()
+                blk.mlp.c_proj.bias.zero_()
+    lin.transformer.ln_f = torch.nn.Identity()
+    clean, patch = setup["clean"], setup["patch"]
+    both = torch.cat([clean, patch])
+    for up_layer, down_layer, mlp_on in (("resid:0", "resid:1", False),
+                                         ("resid:0", "mlp:1", True)):
+        model = copy.deepcopy(lin)
+        if not mlp_on:
+            with torch.no_grad():
+                model.transformer.h[1].mlp.c_proj.weight.zero_()
+                model.transformer.h[1].mlp.c_proj.bias.zero_()
+        saes = {L: _random_sae(A.layer_output(model, both, L), seed=10 + i)
+                for i, L in enumerate((up_layer, down_layer))}
+        first = interp.edge_effects(model, saes, clean, patch, metric, up_layer, down_layer)
+        cand = first.upstream[:6]
+        atp = interp.edge_effects(model, saes, clean, patch, metric, up_layer, down_layer,
+                                  features=cand)
+        ex = interp.edge_effects(model, saes, clean, patch, metric, up_layer, down_layer,
+                                 method="exact", features=cand, batch_size=64)
+        assert torch.equal(atp.upstream, cand) and torch.equal(ex.upstream, cand)
+        if not mlp_on:
+            # exact's downstream features (those that change) are active at clean or patch;
+            # compare where both methods have a column
+            cols = torch.isin(ex.downstream, atp.downstream)
+            a = atp.effects[:, torch.searchsorted(atp.downstream, ex.downstream[cols])]
+            x, fl = ex.effects[:, cols], ex.flips[:, cols]
+            assert (~fl & (x != 0)).sum() > 10
+            torch.testing.assert_close(a[~fl], x[~fl], atol=1e-12, rtol=1e-8)
+            # a flip at a position the metric reads (the last) is a jump AtP does not see
+            assert fl.any() and (a[fl] - x[fl]).abs().max() > 1e-9
+            assert (ex.to_metric == 0).all() and (atp.to_metric == 0).all()
+        else:
+            assert (ex.to_metric != 0).sum() >= 3  # the others change at unread positions
+            torch.testing.assert_close(atp.to_metric, ex.to_metric, atol=1e-12, rtol=1e-8)
+
+
+def test_edges_bad_input(setup):
+    model, saes, clean, patch = (setup[k] for k in ("model", "saes", "clean", "patch"))
+    saes = saes["cpu"]
+    with pytest.raises(ValueError, match="upstream must come first"):
+        interp.edge_effects(model, saes, clean, patch, metric, "resid:1", "resid:0")
+    with pytest.raises(ValueError, match="two different"):
+        interp.edge_effects(model, saes, clean, patch, metric, "resid:0", "resid:0")
+    with pytest.raises(KeyError, match="not a spliced layer"):
+        interp.edge_effects(model, saes, clean, patch, metric, "resid:0", "resid:2")
+    with pytest.raises(ValueError, match="method"):
+        interp.edge_effects(model, saes, clean, patch, metric, "resid:0", "resid:1",
+                            method="ig")
+    with pytest.raises(ValueError, match=r"ids must be in \[0, 64\)"):
+        interp.edge_effects(model, saes, clean, patch, metric, "resid:0", "resid:1",
+                            features=[64])
