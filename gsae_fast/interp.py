@@ -474,7 +474,9 @@ class NodeEffects:
     patch tokens. ``method``: "atp", "ig", "jump_ig" or "exact". With "jump_ig":
     ``jump_features`` and ``jump_error``, the parts of ``features`` and ``error`` that come from
     the jumps at downstream gate crossings, and ``jumps``, the metric's jump at each crossing
-    found (a list, one per crossing and row; their sum is what plain IG misses).
+    found (a list, one per crossing and row; their sum is what plain IG misses). With "exact"
+    and ``other_errors="clean"``: ``flips``, shaped as ``features``, True where patching that
+    node alone turned a downstream gate on or off (its effect has a jump in it).
     """
 
     features: Tensor
@@ -485,6 +487,7 @@ class NodeEffects:
     jump_features: Optional[Tensor] = None
     jump_error: Optional[Tensor] = None
     jumps: Optional[list] = None
+    flips: Optional[Tensor] = None
 
     def total(self) -> Tensor:
         """The sum of the layer's node effects (IG: ``~ m(layer patched whole) - m(clean)``)."""
@@ -638,9 +641,11 @@ def node_effects(model: torch.nn.Module, saes: Mapping, clean_tokens: Tensor,
                 feats = _gradient_effects(sae, delta, g, n_pos, per_position, dtype)
                 err = _error_effect(d_err, g, per_position, dtype)
             else:
-                feats, err = _exact(model, sp, key, order, clean, metric, rec_c, d_err, delta,
-                                    cand.get(key), per_position, batch_size, other_errors,
-                                    dtype, n_pos)
+                feats, err, flips = _exact(model, sp, key, order, clean, metric, rec_c, d_err,
+                                           delta, cand.get(key), per_position, batch_size,
+                                           other_errors, dtype, n_pos)
+                if other_errors == "clean":
+                    extra = dict(flips=flips)
             results[key] = NodeEffects(feats, err, float(m_clean.detach()), float(m_patch), method,
                                        **extra)
     return results
@@ -941,7 +946,10 @@ def _exact(model, sp, key, order, clean, metric, rec_c, d_err, delta, candidates
     jobs = [("base", None)] + [("feat", j) for j in range(n_feat)] + \
         [("err", t) for t in err_jobs]
     per = _copies_per_forward(batch_size, B)
-    metrics = []
+    metrics, flipped = [], []
+    # With held downstream errors: which patches flip a downstream gate (NodeEffects.flips).
+    downstream = order[order.index(key) + 1:] if other_errors == "clean" else []
+    clean_keys = {k: _active_keys(rec_c[k].acts) for k in downstream}
     try:
         with torch.no_grad():
             for s in range(0, len(jobs), per):
@@ -965,18 +973,24 @@ def _exact(model, sp, key, order, clean, metric, rec_c, d_err, delta, candidates
                 logits = _logits(model, clean.repeat(c, 1))
                 metrics += [_metric_value(metric, logits[ci * B:(ci + 1) * B])
                             for ci in range(c)]
+                flipped += [any(not torch.equal(_active_keys(_rows_of(
+                    sp.records[k].acts, ci * B, (ci + 1) * B)), clean_keys[k])
+                    for k in downstream) for ci in range(c)]
     finally:
         sp._internal = {}
     eff = [(m - metrics[0]).to(dtype) for m in metrics[1:]]
+    flips = torch.zeros(n_nodes, dtype=torch.bool, device=device)
     if n_feat:
         feat_eff[todo] = torch.stack(eff[:n_feat]).to(device)
+        flips[todo] = torch.tensor(flipped[1:1 + n_feat], dtype=torch.bool, device=device)
     if per_position:
         err_eff = torch.zeros(n_pos, dtype=dtype, device=device)
         for t, e in zip(err_jobs, eff[n_feat:]):
             err_eff[t] = e
     else:
         err_eff = eff[n_feat] if err_jobs else torch.zeros((), dtype=dtype, device=device)
-    return (feat_eff.view(n_pos, d_sae) if per_position else feat_eff), err_eff
+    shape = (n_pos, d_sae) if per_position else (d_sae,)
+    return feat_eff.view(shape), err_eff, flips.view(shape)
 
 
 # ------------------------------------------------------------------------------ edge effects

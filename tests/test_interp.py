@@ -767,3 +767,36 @@ def test_edges_bad_input(setup):
     with pytest.raises(ValueError, match=r"ids must be in \[0, 64\)"):
         interp.edge_effects(model, saes, clean, patch, metric, "resid:0", "resid:1",
                             features=[64])
+
+
+def test_exact_flips(setup):
+    """Exact patching with held errors flags the features whose patch alone turns a gate of
+    resid:1 on or off; checked by hand for flagged and unflagged features."""
+    model, saes, clean, patch = (setup[k] for k in ("model", "saes", "clean", "patch"))
+    saes = saes["cpu"]
+    ex = interp.node_effects(model, saes, clean, patch, metric, method="exact",
+                             other_errors="clean", batch_size=64)
+    flips = ex["resid:0"].flips
+    assert ex["resid:1"].flips is not None and not ex["resid:1"].flips.any()  # none downstream
+    assert interp.node_effects(model, saes, clean, patch, metric, method="exact")[
+        "resid:0"].flips is None                                             # live errors
+    _, rc = _records(model, saes, clean)
+    _, rp = _records(model, saes, patch)
+    d = rp["resid:0"].acts.to_dense() - rc["resid:0"].acts.to_dense()
+    changed = (d != 0).any(0).any(0)
+    assert flips.any() and (changed & ~flips).any() and not (flips & ~changed).any()
+
+    def on(acts):
+        return acts.to_dense() > 0
+
+    W = saes["resid:0"].W_dec.detach()
+    picks = flips.nonzero().flatten()[:3].tolist() + \
+        (changed & ~flips).nonzero().flatten()[:3].tolist()
+    for i in picks:
+        value = rc["resid:0"].out.detach() + d[..., i:i + 1] * W[i]
+        with torch.no_grad(), A.splice(model, "resid:0", lambda x: value), \
+                interp.splice(model, {"resid:1": saes["resid:1"]}) as sp:
+            sp.set("resid:1", err=rc["resid:1"].err.detach())
+            _run(model, clean)
+            moved = not torch.equal(on(sp["resid:1"].acts), on(rc["resid:1"].acts))
+        assert moved == bool(flips[i]), i
