@@ -822,56 +822,52 @@ def _jump_gradients(path: _Path, events: list) -> tuple[Tensor, list]:
     (``sum_g s_g pi_g``, ``s_g = +1`` for a gate turning on, -1 off; only the gates of the
     first downstream layer that flips: later ones flip because of its jump). Returns
     ``sum_e J_e G_e / (G_e . (out_p - out_c))`` (so that the node shares ``dv . G_e /
-    (G_e . d out)`` of one crossing add up to its jump) and the jumps."""
+    (G_e . d out)`` of one crossing add up to its jump) and the jumps.
+
+    Each crossing gets two copies of the batch, its row at ``lo`` and at ``hi`` and every other
+    row at the clean point: the metric's difference between the two is that row's jump."""
     B = path.B
     d_out = (path.out_p - path.out_c).to(path.dtype)
+    gates = []
+    for b, lo, hi, s_lo, s_hi in events:
+        on = s_hi[~torch.isin(s_hi, s_lo)].tolist()
+        off = s_lo[~torch.isin(s_lo, s_hi)].tolist()
+        flips = [(path.gate(k), 1.0) for k in on] + [(path.gate(k), -1.0) for k in off]
+        first = min(path.after.index(g[0]) for g, _ in flips)
+        gates.append([(g, s) for g, s in flips if path.after.index(g[0]) == first])
+    alphas = torch.zeros(2 * len(events), B, dtype=torch.float64)
+    for e, (b, lo, hi, _, _) in enumerate(events):
+        alphas[2 * e, b], alphas[2 * e + 1, b] = lo, hi
+
+    def preact(records, first_copy, copies):  # run on the lo copies: copy i is event i
+        total = 0.0
+        for ci in range(copies):
+            e = first_copy + ci
+            b = events[e][0]
+            for (layer, t, j), sign in gates[e]:
+                W_enc, b_dec, b_gate = _gate_params(path.sp.saes[layer], layer)
+                x = records[layer].x[ci * B + b, t].to(W_enc.dtype)
+                total = total + sign * ((x - b_dec) @ W_enc[:, j] + b_gate[j])
+        return total
+
+    m, gm, _ = path.run(alphas, grad="metric")
+    _, g, _ = path.run(alphas[0::2], grad=preact)
     G_jump = torch.zeros_like(path.out_c, dtype=path.dtype)
     jumps = []
-    by_row: dict = {}
-    for e in events:
-        by_row.setdefault(e[0], []).append(e)
-    rounds = max((len(v) for v in by_row.values()), default=0)
-    for r in range(rounds):
-        batch = [v[r] for v in by_row.values() if len(v) > r]
-        gates = {}
-        for b, lo, hi, s_lo, s_hi in batch:
-            on = s_hi[~torch.isin(s_hi, s_lo)].tolist()
-            off = s_lo[~torch.isin(s_lo, s_hi)].tolist()
-            flips = [(path.gate(k), 1.0) for k in on] + [(path.gate(k), -1.0) for k in off]
-            first = min(path.after.index(g[0]) for g, _ in flips)
-            gates[b] = [(g, s) for g, s in flips if path.after.index(g[0]) == first]
-        # Copy 0: every row of this round at its lo; copy 1 + i: event i's row at its hi.
-        alphas = torch.zeros(1 + len(batch), B, dtype=torch.float64)
-        for i, (b, lo, hi, _, _) in enumerate(batch):
-            alphas[:, b] = lo
-            alphas[1 + i, b] = hi
-
-        def preact(records, first_copy, copies):
-            total = 0.0
-            for b, gs in gates.items():
-                for (layer, t, j), sign in gs:
-                    sae = path.sp.saes[layer]
-                    W_enc, b_dec, b_gate = _gate_params(sae, layer)
-                    x = records[layer].x[b, t].to(W_enc.dtype)
-                    total = total + sign * ((x - b_dec) @ W_enc[:, j] + b_gate[j])
-            return total
-
-        m, gm, _ = path.run(alphas, grad="metric")
-        _, g, _ = path.run(alphas[:1], grad=preact)
-        for i, (b, lo, hi, _, _) in enumerate(batch):
-            # The smooth change over [lo, hi] (trapezoid) is not part of the jump: the
-            # Riemann sum over the pieces already has it.
-            smooth = (hi - lo) / 2 * float(((gm[0, b] + gm[1 + i, b]) * d_out[b]).sum())
-            J = float(m[1 + i] - m[0]) - smooth
-            G = g[0, b].to(path.dtype)
-            speed = float((G * d_out[b]).sum())  # d(sum s pi)/d alpha at the crossing
-            jumps.append(J)
-            if speed != 0.0:
-                G_jump[b] += (J / speed) * G
-            else:
-                warnings.warn(f"jump_ig: a gate flips at alpha={lo:.6g} (row {b}) with no "
-                              f"first-order change of its pre-activation; its jump {J:.3g} is "
-                              f"left unassigned", stacklevel=3)
+    for e, (b, lo, hi, _, _) in enumerate(events):
+        # The smooth change over [lo, hi] (trapezoid) is not part of the jump: the Riemann
+        # sum over the pieces already has it.
+        smooth = (hi - lo) / 2 * float(((gm[2 * e, b] + gm[2 * e + 1, b]) * d_out[b]).sum())
+        J = float(m[2 * e + 1] - m[2 * e]) - smooth
+        G = g[e, b].to(path.dtype)
+        speed = float((G * d_out[b]).sum())  # d(sum s pi)/d alpha at the crossing
+        jumps.append(J)
+        if speed != 0.0:
+            G_jump[b] += (J / speed) * G
+        else:
+            warnings.warn(f"jump_ig: a gate flips at alpha={lo:.6g} (row {b}) with no "
+                          f"first-order change of its pre-activation; its jump {J:.3g} is left "
+                          f"unassigned", stacklevel=3)
     return G_jump, jumps
 
 

@@ -249,10 +249,31 @@ def test_demo_recovers_the_true_features(tmp_path, capsys):
 def test_aux_study_writes_its_table(tmp_path):
     """The loss-design study runs the three aux modes on one setup and writes its files (a
     short run: the measured table is bench/results/study_aux.md)."""
-    assert cli.main(["study", "--steps", "40", "--out", str(tmp_path), "--quiet"]) == 0
+    assert cli.main(["study", "--which", "aux", "--steps", "40", "--out", str(tmp_path),
+                     "--quiet"]) == 0
     rows = json.loads((tmp_path / "study_aux.json").read_text())
     assert [r["aux"] for r in rows] == ["frozen", "shared", "none"]
     table = (tmp_path / "study_aux.md").read_text()
     assert table.count("\n| ") == 4 and "relu(pi_gate)" in table
     assert all(r["mean_relu_pi_gate"] > 0 and 0 < r["mean_max_cosine_similarity"] <= 1
                for r in rows)
+
+
+def test_estimator_study_writes_its_table(tmp_path):
+    """The estimator study (a short run: the measured table is bench/results/
+    study_estimators.md) compares every estimator with exact patching on both groups of
+    nodes; first order is near exact on the nodes whose patch flips no downstream gate."""
+    pytest.importorskip("transformers")
+    assert cli.main(["study", "--which", "estimators", "--train-steps", "40", "--pairs", "2",
+                     "--out", str(tmp_path), "--quiet"]) == 0
+    result = json.loads((tmp_path / "study_estimators.json").read_text())
+    rows, setup = result["rows"], result["setup"]
+    runs = {(r["estimator"], r["steps"]) for r in rows}
+    assert runs == {("atp", 1)} | {("ig", n) for n in (1, 2, 4, 8, 16, 32, 64)} | \
+        {("jump_ig", n) for n in (1, 2, 4, 8, 16)}
+    by = {(r["estimator"], r["steps"], r["group"]): r for r in rows}
+    assert 0 < setup["flip_nodes"] < setup["changed_nodes"]
+    assert by[("atp", 1, "flip")]["n"] == setup["flip_nodes"]
+    assert by[("atp", 1, "no flip")]["correlation"] > 0.99
+    assert all(r["ms_per_1000"] > 0 for r in rows)
+    assert "| jump_ig | 16 |" in (tmp_path / "study_estimators.md").read_text()
