@@ -61,18 +61,25 @@ def init(device=None, backend: Optional[str] = None) -> tuple[int, int, torch.de
     returns (rank, world size, this rank's device). Backend: NCCL for CUDA, gloo for CPU. An
     already initialised group (e.g. made by the caller) is used as it is."""
     device = torch.device(device if device is not None else "cpu")
+    if not dist.is_initialized() and "WORLD_SIZE" not in os.environ:
+        raise RuntimeError("parallel training needs a torch.distributed process group: run "
+                           "under torchrun (torchrun --nproc-per-node N -m gsae_fast.cli "
+                           "train ...), or call torch.distributed.init_process_group first")
+    if device.type == "cuda":
+        if not torch.cuda.device_count():
+            raise RuntimeError(f"device {device}: this process sees no CUDA GPU")
+        if device.index is None:  # each rank on its own GPU
+            local = os.environ.get("LOCAL_RANK")
+            # modulo the visible GPUs: a launcher that gives each process one GPU
+            # (CUDA_VISIBLE_DEVICES) still sets LOCAL_RANK to the process's place on the node
+            device = torch.device("cuda", int(local) % torch.cuda.device_count()
+                                  if local is not None else torch.cuda.current_device())
+        # Also for a group the caller made: NCCL's barrier and object collectives
+        # (all_gather_object, gather_object) run on the *current* device, which would
+        # otherwise be GPU 0 on every rank (a hang, or "duplicate GPU").
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
-        if "WORLD_SIZE" not in os.environ:
-            raise RuntimeError("parallel training needs a torch.distributed process group: run "
-                               "under torchrun (torchrun --nproc-per-node N -m gsae_fast.cli "
-                               "train ...), or call torch.distributed.init_process_group first")
-        if device.type == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(backend or ("nccl" if device.type == "cuda" else "gloo"))
-    if device.type == "cuda" and device.index is None:  # each rank on its own GPU
-        local = os.environ.get("LOCAL_RANK")
-        device = torch.device("cuda", int(local) if local is not None
-                              else torch.cuda.current_device())
     return dist.get_rank(), dist.get_world_size(), device
 
 
@@ -314,23 +321,28 @@ def init_shard(d_in: int, d_sae: int, features: tuple[int, int], *, device, back
 # -------------------------------------------------------------------------- checkpoints
 
 
-def _restrict(parts: list, a: int, b: int) -> dict:
+def _restrict(parts: list, a: int, b: int, optimizer: bool = True) -> dict:
     """The ordinary-format state of features [a, b) from ``parts`` = [(state, start, stop)]
-    (ordinary-format states of consecutive feature ranges, in order)."""
+    (ordinary-format states of consecutive feature ranges, in order); without the Adam state
+    when ``optimizer`` is false."""
     use = [(st, max(a, s) - s, min(b, e) - s) for st, s, e in parts if s < b and e > a]
     if not use or a < parts[0][1] or b > parts[-1][2]:
         raise ValueError(f"features [{a}, {b}) are not in the checkpoint's "
                          f"[{parts[0][1]}, {parts[-1][2]})")
     first = use[0][0]
 
-    def cat(get, dim):
-        return torch.cat([get(st).narrow(dim, lo, hi - lo) for st, lo, hi in use], dim).clone()
+    def cat(get, dim):  # torch.cat copies (out of the memory-mapped files), even one part
+        return torch.cat([get(st).narrow(dim, lo, hi - lo) for st, lo, hi in use], dim)
 
     names = list(first["sae"])  # the parameters' order: the optimizer's indices
-    out = dict(first)
+    out = {k: v for k, v in first.items() if k != "features"}  # a rank file's own range
     out["sae"] = {k: (v.clone() if FEATURE_DIM.get(k) is None else
                       cat(lambda st: st["sae"][k], FEATURE_DIM[k]))
                   for k, v in first["sae"].items()}
+    out["since_fired"] = cat(lambda st: st["since_fired"], 0)
+    if not optimizer:
+        out.pop("optimizer", None)
+        return out
     opt = first["optimizer"]
     out["optimizer"] = {"param_groups": copy.deepcopy(opt["param_groups"]), "state": {}}
     for i, per_param in opt["state"].items():
@@ -339,7 +351,6 @@ def _restrict(parts: list, a: int, b: int) -> dict:
             k: (v.clone() if dim is None or v.dim() == 0 else
                 cat(lambda st: st["optimizer"]["state"][i][k], dim))
             for k, v in per_param.items()}
-    out["since_fired"] = cat(lambda st: st["since_fired"], 0)
     return out
 
 
@@ -348,22 +359,23 @@ def is_sharded(state: dict) -> bool:
 
 
 def read_checkpoint(path: str, features: Optional[tuple[int, int]] = None,
-                    check=None) -> dict:
+                    check=None, optimizer: bool = True) -> dict:
     """A checkpoint (single file or sharded) in the ordinary single-file layout, holding
     features [start, stop) (``None``: all of them). Rank files are memory-mapped and only
     those overlapping the range are read. ``check(state)`` sees the top-level state first (a
-    config check: its error beats a complaint about the feature range)."""
-    if features is None:
+    config check: its error beats a complaint about the feature range). ``optimizer=False``:
+    without the Adam state (a third of the size: what an export needs)."""
+    if features is None and optimizer:
         state = torch.load(path, map_location="cpu", weights_only=False)
     else:
         state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     if check is not None:
         check(state)
     if features is None and not is_sharded(state):
-        return state
+        return state if optimizer else {k: v for k, v in state.items() if k != "optimizer"}
     if not is_sharded(state):
         d_sae = state["sae"]["b_gate"].shape[0]
-        return _restrict([(state, 0, d_sae)], *features)
+        return _restrict([(state, 0, d_sae)], *(features or (0, d_sae)), optimizer)
     info = state["sharded"]
     a, b = features if features is not None else (0, info["d_sae"])
     folder = os.path.dirname(path)
@@ -375,7 +387,7 @@ def read_checkpoint(path: str, features: Optional[tuple[int, int]] = None,
                 raise FileNotFoundError(f"{path} needs its rank file {f}, which is missing")
             parts.append((torch.load(f, map_location="cpu", weights_only=False, mmap=True),
                           s, e))
-    out = _restrict(parts, a, b)
+    out = _restrict(parts, a, b, optimizer)
     for k, v in state.items():
         if k != "sharded":
             out[k] = v
@@ -410,9 +422,11 @@ def save_sharded(state: dict, path: str, features: tuple[int, int], d_sae: int,
 
 
 def gathered_sae(path: str, backend: str = "auto"):
-    """The whole GatedSAE (on the CPU) of a checkpoint, sharded or not."""
+    """The whole GatedSAE (on the CPU) of a checkpoint, sharded or not (its parameters only
+    are read: at the end of a run rank 0 does this while the other ranks wait in a barrier
+    under the process group's timeout)."""
     from .modules import GatedSAE
-    params = read_checkpoint(path)["sae"]
+    params = read_checkpoint(path, optimizer=False)["sae"]
     d_sae, d_in = params["W_dec"].shape
     sae = GatedSAE(d_in, d_sae, device="meta", decoder_init_norm=None)
     sae.backend = backend

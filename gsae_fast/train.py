@@ -329,8 +329,11 @@ class Trainer:
         gsae_fast.distributed.save_sharded); every rank calls it."""
         state = self.state_dict()
         if self.cfg.parallel != "none":  # every rank's data position (each reads its stream)
-            per_rank = [None] * self.world
-            torch.distributed.all_gather_object(per_rank, state["data"])
+            # to rank 0 only, which writes them: a mixing buffer's position holds its buffer
+            # (buffer_tokens x d_in), and under NCCL an object collective stages every rank's
+            # pickle on the receiving GPU
+            per_rank = [None] * self.world if self.rank == 0 else None
+            torch.distributed.gather_object(state["data"], per_rank, dst=0)
             state["data_per_rank"] = per_rank
         if self.cfg.parallel == "feature":
             distributed.save_sharded(state, path, self.features, self.cfg.d_sae)
@@ -366,7 +369,9 @@ class Trainer:
         self.capacity = state["capacity"]
         torch.set_rng_state(state["rng"]["cpu"])
         if "cuda" in state["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+            # one state per GPU the saving process saw: no more than this one sees (a run
+            # resumed on fewer GPUs; set_rng_state_all would index past them)
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"][:torch.cuda.device_count()])
         data = distributed.data_state(state, self.rank, self.world)
         if data is not None:
             if not hasattr(self.data, "load_state_dict"):

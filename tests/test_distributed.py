@@ -314,6 +314,7 @@ def test_gathered_checkpoint_and_export(run, tmp_path):
                              str(tmp_path / "sae")]) == 0
     state = torch.load(tmp_path / "one.pt", weights_only=False)
     assert "sharded" not in state and state["step"] == 10
+    assert "features" not in state  # a rank file's own range does not leak into the gathered one
     names = list(state["sae"])
     for i, name in enumerate(names):
         assert rel_err(state["sae"][name], want[name]) < TOL, name
@@ -413,3 +414,73 @@ def test_cli_data_parallel_from_a_model(tmp_path, capsys):
     assert "ce_loss" in json.loads((tmp_path / "run" / "summary.json").read_text())
     assert cli.main([*flags, "--resume"]) == 2
     assert "resume with 2 ranks" in capsys.readouterr().err
+
+
+def test_sharded_checkpoint_resliced_for_other_rank_counts(run):
+    """2 rank files read for 3 and 4 ranks (ranges that straddle the files' boundary at 19):
+    the slices put together are the whole checkpoint, Adam moments and dead counters too; an
+    export reads no Adam state."""
+    path = os.path.join(run["root"], "feature_half", "checkpoint.pt")
+    whole = distributed.read_checkpoint(path)
+    names = list(whole["sae"])
+    for world in (3, 4):
+        parts = [distributed.read_checkpoint(path, feature_range(D_SAE, r, world))
+                 for r in range(world)]
+        for i, name in enumerate(names):
+            dim = FEATURE_DIM.get(name)
+            for get in (lambda st: st["sae"][name],
+                        lambda st: st["optimizer"]["state"][i]["exp_avg_sq"]):
+                got = ([get(p) for p in parts] if dim is None else
+                       [torch.cat([get(p) for p in parts], dim)])
+                assert all(torch.equal(g, get(whole)) for g in got), (world, name)
+        assert torch.equal(torch.cat([p["since_fired"] for p in parts]), whole["since_fired"])
+        assert all(p["step"] == 5 and "features" not in p for p in parts)
+    bare = distributed.read_checkpoint(path, optimizer=False)
+    assert "optimizer" not in bare
+    assert all(torch.equal(bare["sae"][k], whole["sae"][k]) for k in names)
+
+
+def test_init_makes_each_ranks_gpu_current(monkeypatch):
+    """NCCL's barrier and object collectives use the current CUDA device: init sets it, also
+    for a process group the caller made, and LOCAL_RANK counts modulo the visible GPUs (a
+    launcher that gives each process its one GPU)."""
+    made = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 3)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 4)
+    monkeypatch.setattr(torch.cuda, "set_device", made.append)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert distributed.init("cuda") == (3, 4, torch.device("cuda", 1))
+    assert made == [torch.device("cuda", 1)]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert distributed.init("cuda")[2] == torch.device("cuda", 0)
+    assert distributed.init("cuda:0")[2] == torch.device("cuda", 0)
+    assert made[1:] == [torch.device("cuda", 0)] * 2
+    assert distributed.init("cpu")[2] == torch.device("cpu") and len(made) == 3
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(RuntimeError, match="no CUDA GPU"):
+        distributed.init("cuda")
+
+
+def test_resume_with_fewer_gpus_than_saved_rng_states(monkeypatch, tmp_path):
+    """A checkpoint holds one CUDA RNG state per GPU its process saw (8 on an 8-GPU node);
+    resuming where fewer are visible (fewer ranks, CUDA_VISIBLE_DEVICES) sets only those
+    (torch.cuda.set_rng_state_all would index past the visible GPUs)."""
+    Trainer(config(), D_IN, Stream(), str(tmp_path)).train(stop_after=1)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    state["rng"]["cuda"] = [torch.zeros(16, dtype=torch.uint8) + i for i in range(8)]
+    torch.save(state, tmp_path / "checkpoint.pt")
+    got = []
+
+    def set_all(states):  # torch's: set_rng_state(s, i) looks up default_generators[i]
+        generators = ("gpu0", "gpu1")  # two visible GPUs
+        for i, s in enumerate(states):
+            generators[i]  # IndexError past them
+            got.append(s)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", set_all)
+    tr = Trainer(config(), D_IN, Stream(), str(tmp_path), resume=True)
+    assert tr.step == 1 and [int(s[0]) for s in got] == [0, 1]
