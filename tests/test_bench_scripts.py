@@ -28,3 +28,20 @@ def test_bench_gpu_smoke():
             assert f"| {be} |" in res.stdout, be
         else:
             assert f"Not measured: {be} executor" in res.stdout, be
+
+
+@pytest.mark.skipif("cpu" not in gsae_fast.available_backends("cpu"),
+                    reason="the C++ extension is not built")
+def test_bench_interp_quick():
+    """bench_interp.py --quick: both implementations and the floor run in fresh processes and
+    the dense and sparse effects agree (the script compares them)."""
+    pytest.importorskip("transformers")
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_interp.py"),
+                          "--quick", "--repeats", "1"], capture_output=True, text=True,
+                         timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [line.split("|") for line in res.stdout.splitlines() if line.startswith("| atp")
+            or line.startswith("| ig")]
+    assert len(rows) == 2
+    for r in rows:
+        assert float(r[-2]) < 1e-4  # max relative difference dense vs sparse
