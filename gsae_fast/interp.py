@@ -225,7 +225,15 @@ class Splice:
     def __enter__(self) -> "Splice":
         if self._handles:
             raise RuntimeError("this Splice is already active")
+        # Two splices on one module would stack their hooks (the second SAE encoding the
+        # first one's output): refuse rather than compute something else silently.
+        taken = [k for k, m in self._modules.items() if getattr(m, "_gsae_fast_spliced", False)]
+        if taken:
+            raise RuntimeError(f"layers {taken} are already spliced by another active splice "
+                               f"(node_effects, ablate and splice each splice the model "
+                               f"themselves: do not nest them)")
         for key, module in self._modules.items():
+            module._gsae_fast_spliced = True
             self._handles.append(module.register_forward_hook(
                 lambda mod, args, output, key=key: self._hook(key, output)))
         return self
@@ -233,6 +241,8 @@ class Splice:
     def __exit__(self, *exc) -> None:
         for h in self._handles:
             h.remove()
+        for module in self._modules.values():
+            module._gsae_fast_spliced = False
         self._handles = []
 
     # -- interventions and records -----------------------------------------------------------
@@ -1341,7 +1351,9 @@ def ablate(model: torch.nn.Module, saes: Mapping, features: Mapping, mode: str =
 @contextmanager
 def steer(model: torch.nn.Module, saes, layer: str, feature, scale, *, positions=None):
     """Within the ``with`` block, ``layer``'s output gets ``scale * W_dec[feature]`` added (at
-    every position, or at ``positions``); no SAE is spliced. ``saes``: ``{layer: sae}`` or the
+    every position, or at ``positions``; for a TopK SAE that rescales its activations by the
+    decoder norms, the unit row ``W_dec[feature] / |W_dec[feature]|``, what one unit of
+    activation adds); no SAE is spliced. ``saes``: ``{layer: sae}`` or the
     SAE; ``feature`` an id or a list (with ``scale`` a number or a list of the same length).
     Yields the module's name."""
     sae = saes[layer] if isinstance(saes, Mapping) else saes
@@ -1352,8 +1364,8 @@ def steer(model: torch.nn.Module, saes, layer: str, feature, scale, *, positions
     s = torch.as_tensor(scale, dtype=sae.W_dec.dtype, device=sae.W_dec.device).reshape(-1)
     if s.numel() not in (1, ids.numel()):
         raise ValueError("steer: scale must be a number or one per feature")
-    with torch.no_grad():
-        direction = (s.unsqueeze(-1) * sae.W_dec[ids]).sum(0)
+    with torch.no_grad():  # the decoder's vector per unit of activation (as in node effects)
+        direction = (s.unsqueeze(-1) * _decoder_rows(sae, ids)).sum(0)
     name, _ = resolve_hook(model, layer)
 
     def add(x):

@@ -486,6 +486,36 @@ def test_steer(setup):
                           positions=[2]):
             got = _run(model, clean)
         assert (got - want).abs().max() < 1e-12
+        # a TopK SAE with rescaled activations: one unit adds the unit row, as its decode does
+        topk = gsae_fast.TopKSAE(D, D_SAE, k=8, dtype=torch.float64, backend="cpu",
+                                 rescale_acts_by_decoder_norm=True)
+        with torch.no_grad():
+            topk.W_dec.mul_(3.0)
+        one = torch.zeros(1, D_SAE, dtype=torch.float64)
+        one[0, 7] = 1.0
+        unit = topk.decode(one)[0] - topk.decode(torch.zeros_like(one))[0]
+        torch.testing.assert_close(unit, topk.W_dec[7].detach() / topk.W_dec[7].norm().item())
+        with A.splice(model, "resid:0", lambda x: x + 2.0 * unit):
+            want = _run(model, clean)
+        with interp.steer(model, topk, "resid:0", 7, 2.0):
+            got = _run(model, clean)
+        assert (got - want).abs().max() < 1e-12
+
+
+def test_nested_splices_are_refused(setup):
+    """Two splices on one layer would stack (the second SAE encoding the first's output)."""
+    model, saes, clean, patch = (setup[k] for k in ("model", "saes", "clean", "patch"))
+    saes = saes["cpu"]
+    with interp.splice(model, {"resid:0": saes["resid:0"]}):
+        with pytest.raises(RuntimeError, match=r"\['resid:0'\] are already spliced"):
+            interp.node_effects(model, saes, clean, patch, metric)
+        with pytest.raises(RuntimeError, match="already spliced"):
+            with interp.ablate(model, saes, {"resid:0": [1]}):
+                pass
+    with interp.splice(model, {"resid:1": saes["resid:1"]}):   # other layers: fine
+        with interp.splice(model, {"resid:0": saes["resid:0"]}), torch.no_grad():
+            _run(model, clean)
+    interp.node_effects(model, saes, clean, patch, metric)      # released on exit
 
 
 # ---------------------------------------------------------------------------------- errors
