@@ -68,6 +68,10 @@ def init(device=None, backend: Optional[str] = None) -> tuple[int, int, torch.de
     if device.type == "cuda":
         if not torch.cuda.device_count():
             raise RuntimeError(f"device {device}: this process sees no CUDA GPU")
+        if device.index is not None and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
+            raise ValueError(f"device {device}: with several ranks per node give the device "
+                             f"without an index ('cuda'): each rank takes the GPU of its "
+                             f"LOCAL_RANK (an index would put every rank on one GPU)")
         if device.index is None:  # each rank on its own GPU
             local = os.environ.get("LOCAL_RANK")
             # modulo the visible GPUs: a launcher that gives each process one GPU

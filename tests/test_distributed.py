@@ -458,6 +458,9 @@ def test_init_makes_each_ranks_gpu_current(monkeypatch):
     assert distributed.init("cuda:0")[2] == torch.device("cuda", 0)
     assert made[1:] == [torch.device("cuda", 0)] * 2
     assert distributed.init("cpu")[2] == torch.device("cpu") and len(made) == 3
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # several ranks per node: no fixed index
+    with pytest.raises(ValueError, match="without an index"):
+        distributed.init("cuda:0")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     with pytest.raises(RuntimeError, match="no CUDA GPU"):
         distributed.init("cuda")
