@@ -41,6 +41,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import gsae_fast  # noqa: E402
+from _memory import reset_peak, rss_kb  # noqa: E402  (bench/, the script's directory)
 from gsae_fast import activations as A  # noqa: E402
 from gsae_fast import interp, reference  # noqa: E402
 
@@ -165,24 +166,15 @@ def floor(model, saes, clean, patch, metric, method, steps, batch_size):
 IMPLS = {"dense": dense_node_effects, "sparse": sparse_node_effects, "floor": floor}
 
 
-def _rss_kb(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1])
-    raise RuntimeError(field)
-
-
 def probe(impl, method, cfg, repeats, save):
     """Run in a fresh process: median time (ms), peak RSS added (MB); effects saved."""
     model, saes, clean, patch, metric = setup(cfg)
     fn = IMPLS[impl]
     args = (model, saes, clean, patch, metric, method, cfg["steps"], cfg["batch_size"])
-    base = _rss_kb("VmRSS:")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the peak (VmHWM) to the current RSS
+    base = rss_kb("VmRSS:")
+    reset_peak()
     res = fn(*args)
-    peak = (_rss_kb("VmHWM:") - base) / 1024
+    peak = (rss_kb("VmHWM:") - base) / 1024
     ts = []
     for _ in range(repeats):
         t0 = time.perf_counter()

@@ -37,6 +37,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import gsae_fast  # noqa: E402
+from _memory import reset_peak, rss_kb  # noqa: E402  (bench/, the script's directory)
 from gsae_fast import ops, reference  # noqa: E402
 
 BASE = (1024, 512, 16384)   # (B, d_in, d_sae)
@@ -156,14 +157,6 @@ def bench_case(shape, l0, repeats, with_peers, l1=1e-3):
 
 # ------------------------------------------------------------------------------- memory probe
 
-def _rss_kb(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1])
-    raise RuntimeError(field)
-
-
 def memory_probe(what, B, d_in, d_sae, l0):
     """Run in a fresh process: peak RSS added by one call of `what`, in MB."""
     torch.manual_seed(0)
@@ -175,11 +168,10 @@ def memory_probe(what, B, d_in, d_sae, l0):
         fn = {"encode_sparse": lambda: sae.encode_sparse(x),
               "reference_encode": lambda: reference.encode(x, sae.W_enc, sae.b_dec, sae.b_gate,
                                                            sae.r_mag, sae.b_mag)}[what]
-        base = _rss_kb("VmRSS:")
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset the peak (VmHWM) to the current RSS
+        base = rss_kb("VmRSS:")
+        reset_peak()
         out = fn()
-        peak = _rss_kb("VmHWM:")
+        peak = rss_kb("VmHWM:")
     del out
     return (peak - base) / 1024
 

@@ -66,6 +66,16 @@ def aux_study(*, steps: int = 1500, seed: int = 0, device="cpu", backend: str = 
     return rows
 
 
+def _write_results(out_dir: str, name: str, lines: list, data) -> list[str]:
+    """``name.md`` (the lines) and ``name.json`` (the data) in ``out_dir``; their paths."""
+    paths = [os.path.join(out_dir, name + ".md"), os.path.join(out_dir, name + ".json")]
+    with open(paths[0], "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(paths[1], "w") as f:
+        json.dump(data, f, indent=1)
+    return paths
+
+
 def write_aux_study(rows: list[dict], out_dir: str, header: str) -> list[str]:
     """``study_aux.md`` (table), ``study_aux.json`` and, with matplotlib, ``study_aux.png``."""
     os.makedirs(out_dir, exist_ok=True)
@@ -79,11 +89,7 @@ def write_aux_study(rows: list[dict], out_dir: str, header: str) -> list[str]:
     for r in rows:
         lines.append("| " + " | ".join(r[k] if isinstance(r[k], str) else f"{r[k]:.4g}"
                                        for k, _ in cols) + " |")
-    paths = [os.path.join(out_dir, "study_aux.md"), os.path.join(out_dir, "study_aux.json")]
-    with open(paths[0], "w") as f:
-        f.write("\n".join(lines) + "\n")
-    with open(paths[1], "w") as f:
-        json.dump(rows, f, indent=1)
+    paths = _write_results(out_dir, "study_aux", lines, rows)
     from .cli import pyplot
     plt = pyplot()
     if plt is None:
@@ -267,12 +273,7 @@ def write_estimator_study(result: dict, out_dir: str, header: str) -> list[str]:
                      + " | ".join(f"{r['correlation']:.3f}" for r in rs) + " | "
                      + " | ".join(f"{r['relative_error']:.3f}" for r in rs)
                      + f" | {rs[0]['ms_per_1000']:.0f} |")
-    paths = [os.path.join(out_dir, "study_estimators.md"),
-             os.path.join(out_dir, "study_estimators.json")]
-    with open(paths[0], "w") as f:
-        f.write("\n".join(lines) + "\n")
-    with open(paths[1], "w") as f:
-        json.dump(result, f, indent=1)
+    paths = _write_results(out_dir, "study_estimators", lines, result)
     from .cli import pyplot
     plt = pyplot()
     if plt is None:
