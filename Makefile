@@ -4,7 +4,7 @@ PIP ?= $(PYTHON) -m pip
 # nvcc lives here on the build machines; torch would guess /usr/local.
 export CUDA_HOME ?= $(firstword $(wildcard /usr/local/cuda))
 
-.PHONY: install install-test demo test bench
+.PHONY: install install-test demo test bench study
 
 # torch: keep the one the machine has (the GPU machine has its own, with no registry access);
 # otherwise take 2.14.1 (on this project's machines it installs from local disk).
@@ -24,6 +24,12 @@ install-test: install
 demo: install
 	$(PIP) install -q matplotlib
 	$(PYTHON) -m gsae_fast.cli demo
+
+# The measured studies (bench/results/study_*): the aux term (~1.5 min) and the feature-effect
+# estimators on a random-weight transformers model (~1 min), 2 CPU cores.
+study: install
+	$(PIP) install -q matplotlib transformers
+	$(PYTHON) -m gsae_fast.cli study
 
 test: install-test
 	$(PYTHON) -m pytest -q tests

@@ -437,6 +437,10 @@ def study(args) -> dict:
         _say("wrote " + ", ".join(paths))
         out["aux"] = rows
     if args.which in ("estimators", "all"):
+        import importlib.util
+        if importlib.util.find_spec("transformers") is None:
+            raise SystemExit("the estimator study runs a random-weight transformers model: "
+                             "pip install transformers (or make study)")
         # One pair costs about as much as 300 training steps (2 CPU cores): the bar's units.
         per_pair, ts = 300, args.train_steps
         bar = Progress(2 * ts + per_pair * args.pairs, "study estimators",
