@@ -226,9 +226,10 @@ class _SumBackward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
+        # Summed in fp32 at least: bf16 partials summed in bf16 would round at every hop.
+        wide = grad.to(torch.promote_types(grad.dtype, torch.float32)).contiguous().clone()
+        dist.all_reduce(wide, group=ctx.group)
+        return wide.to(grad.dtype), None
 
 
 def feature_sharded_loss(x: Tensor, W_enc: Tensor, W_dec: Tensor, b_dec: Tensor, b_gate: Tensor,
