@@ -26,6 +26,7 @@ from . import backends, metrics
 from .progress import Progress
 from .synthetic import SyntheticConfig, SyntheticFeatures, feature_recovery
 from .train import TrainConfig, Trainer
+from .modules import GatedSAE
 
 # The demo's defaults: ~1 minute on 2 CPU cores. The recovery goal is checked in
 # tests/test_train.py on a shorter run (see the threshold there for how it was measured).
@@ -87,7 +88,6 @@ def step_time_ms(sae_proto, data: SyntheticFeatures, cfg: TrainConfig, backend: 
 def sized_for_timing(d_in: int, d_sae: int, l0: float, device, seed: int = 0):
     """A Gated SAE with L0 ~ ``l0`` on its synthetic data (b_gate at the matching quantile of
     the pre-activations: a trained SAE's sparsity, without training one) and that data."""
-    from .modules import GatedSAE
     data = SyntheticFeatures(SyntheticConfig(d_in=d_in, n_features=4 * d_in, target_l0=32,
                                              seed=seed), batch_size=DEMO["batch_size"],
                              device=device)
@@ -321,10 +321,10 @@ def train(args) -> dict:
         dist.destroy_process_group()  # the evaluation runs on rank 0 alone
         if rank != 0:
             return {}
-        if args.parallel == "feature":  # the whole SAE, once this rank's slice is freed
-            path = trainer.checkpoint_path
-            del trainer, sae
-            sae = distributed.gathered_sae(path, cfg.backend).to(args.device)
+        if args.parallel == "feature":  # the whole SAE the trainer exported, once this
+            del trainer, sae                # rank's slice is freed
+            sae = GatedSAE.load(os.path.join(args.out, "sae"), device=args.device,
+                                backend=cfg.backend)
     _say(f"trained {cfg.steps} steps; SAE in {args.out}/sae (SAELens format)")
     summary = evaluate_sae(sae, args)
     with open(os.path.join(args.out, "summary.json"), "w") as f:
