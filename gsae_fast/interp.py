@@ -621,6 +621,18 @@ def node_effects(model: torch.nn.Module, saes: Mapping, clean_tokens: Tensor,
         else:
             m_clean, rec_c, order = run_plain(clean, "clean")
 
+        if method == "jump_ig":
+            half = (torch.float16, torch.bfloat16)
+            low = [k for k in sp.layers if rec_c[k].out.dtype in half
+                   or _sae_dtype(sp.saes[k]) in half]
+            if low:
+                warnings.warn(f"node_effects(method='jump_ig'): layers {low} run in 16-bit floats "
+                              f"(the model or the SAE): along the path their outputs move in "
+                              f"rounding steps, so downstream gates at their thresholds flip on "
+                              f"and off by rounding and the metric's jumps are quantised; the "
+                              f"crossings found are then mostly rounding and their split among "
+                              f"the nodes is noise (the layer total still holds). Run the model "
+                              f"and the SAEs in float32 for jump-aware IG.", stacklevel=2)
         results = {}
         for key in sp.layers:
             sae = sp.saes[key]
@@ -743,11 +755,14 @@ class _Path:
             acts = self.sp.records[k].acts
             n_pos, d_sae = acts.idx.shape[1], acts.d_sae
             pos = torch.arange(n_pos, device=acts.idx.device).view(1, n_pos, 1)
-            keys = off + pos * d_sae + acts.idx.long()
             mask = acts.mask()
-            for r in range(c * self.B):
-                rows[r].append(keys[r][mask[r]])
-        flat = [torch.cat(r).cpu() if r else torch.zeros(0, dtype=torch.long) for r in rows]
+            # One transfer per layer (not one per row: c * B syncs per forward on a GPU); the
+            # masked keys are in row order, each row's sorted.
+            keys = (off + pos * d_sae + acts.idx.long())[mask].cpu()
+            counts = mask.flatten(1).sum(1).cpu().tolist()
+            for r, part in enumerate(torch.split(keys, counts)):
+                rows[r].append(part)
+        flat = [torch.cat(r) if r else torch.zeros(0, dtype=torch.long) for r in rows]
         return [flat[j * self.B:(j + 1) * self.B] for j in range(c)]
 
     def gate(self, key: int) -> tuple:
@@ -953,9 +968,12 @@ def _exact(model, sp, key, order, clean, metric, rec_c, d_err, delta, candidates
         [("err", t) for t in err_jobs]
     per = _copies_per_forward(batch_size, B)
     metrics, flipped = [], []
-    # With held downstream errors: which patches flip a downstream gate (NodeEffects.flips).
+    # With held downstream errors: which patches flip a downstream gate (NodeEffects.flips),
+    # against the gates of the baseline copy (job 0), like the metric: the clean forward's own
+    # records come from a forward of another batch size, which may round differently (GPU
+    # GEMMs pick their algorithm by shape) and move a gate that sits at its threshold.
     downstream = order[order.index(key) + 1:] if other_errors == "clean" else []
-    clean_keys = {k: _active_keys(rec_c[k].acts) for k in downstream}
+    base_keys: dict = {}
     try:
         with torch.no_grad():
             for s in range(0, len(jobs), per):
@@ -979,9 +997,12 @@ def _exact(model, sp, key, order, clean, metric, rec_c, d_err, delta, candidates
                 logits = _logits(model, clean.repeat(c, 1))
                 metrics += [_metric_value(metric, logits[ci * B:(ci + 1) * B])
                             for ci in range(c)]
-                flipped += [any(not torch.equal(_active_keys(_rows_of(
-                    sp.records[k].acts, ci * B, (ci + 1) * B)), clean_keys[k])
-                    for k in downstream) for ci in range(c)]
+                keys = [{k: _active_keys(_rows_of(sp.records[k].acts, ci * B, (ci + 1) * B))
+                         for k in downstream} for ci in range(c)]
+                if s == 0:
+                    base_keys = keys[0]
+                flipped += [any(not torch.equal(kc[k], base_keys[k]) for k in downstream)
+                            for kc in keys]
     finally:
         sp._internal = {}
     eff = [(m - metrics[0]).to(dtype) for m in metrics[1:]]
@@ -1121,9 +1142,12 @@ def edge_effects(model: torch.nn.Module, saes: Mapping, clean_tokens: Tensor,
             return [_metric_value(metric, logits[j * B:(j + 1) * B]) for j in range(c)]
 
         def patched_u(jobs):
-            """``out_U`` per copy with upstream feature ``jobs[i]`` patched in copy ``i``."""
+            """``out_U`` per copy with upstream feature ``jobs[i]`` patched in copy ``i``
+            (None: nothing patched, a baseline copy)."""
             value = out_u.unsqueeze(0).repeat(len(jobs), 1, 1, 1)
             for ci, u in enumerate(jobs):
+                if u is None:
+                    continue
                 sel = feats == u
                 _add_features(value, sae_u, torch.full_like(rows[sel], ci), rows[sel],
                               feats[sel], vals[sel])
@@ -1171,7 +1195,7 @@ def _edges_atp(sp, sae_u, sae_d, D, rec_c, delta, up, out_u, out_d, n_pos, per, 
             idx, f, mask = a.idx.reshape(c, -1, K).long(), a.f.reshape(c, -1, K), \
                 a.mask().reshape(c, -1, K)
             hit = mask & (idx == ds.view(c, 1, 1))  # slot of feature ds[ci] in copy ci
-            f_d = torch.where(hit, f, torch.zeros((), dtype=f.dtype)).sum(-1)  # [c, tokens]
+            f_d = torch.where(hit, f, f.new_zeros(())).sum(-1)  # [c, tokens]
             y = (f_d.to(dtype) * w[:, s:s + c].T).sum()
             (g,) = torch.autograd.grad(y, value, allow_unused=True)
         if g is None:
@@ -1197,20 +1221,26 @@ def _active_keys(acts: SparseActs) -> Tensor:
 def _edges_exact(sp, sae_u, sae_d, D, rec_c, up, out_u, out_d, B, per, dtype, rules, forward,
                  patched_u, order):
     device, d_sae = out_u.device, sae_d.d_sae
-    acts_c = rec_c[D].acts
     err_d = rec_c[D].err.detach()
-    on_clean = _active_keys(acts_c)
-    # 1. D's activations with each upstream feature patched: their change, per u.
+    # 1. D's activations with each upstream feature patched: their change, per u, against a
+    # baseline copy (job None, nothing patched) of the same batched forward, not the clean
+    # forward's records (a forward of another batch size may round differently: on a GPU every
+    # active feature would then "change" by a rounding and a gate at its threshold "flip").
     changes, flipped = [], []  # per u: (rows, feats, vals) of D's change; features that flipped
+    base_acts = on_clean = None
     with torch.no_grad():
-        for s in range(0, up.numel(), per):
-            jobs = up[s:s + per].tolist()
-            c = len(jobs)
-            rec = forward(c, rules(c, patched_u(jobs), False, _stop_after(_reencode(
+        jobs = [None] + up.tolist()
+        for s in range(0, len(jobs), per):
+            chunk = jobs[s:s + per]
+            c = len(chunk)
+            rec = forward(c, rules(c, patched_u(chunk), False, _stop_after(_reencode(
                 sp, err_d.repeat(c, 1, 1), sae_grad=False, err_grad=False))))
-            for ci in range(c):
+            for ci, u in enumerate(chunk):
                 a = _rows_of(rec.acts, ci * B, (ci + 1) * B)
-                changes.append(_delta(acts_c, a))
+                if u is None:
+                    base_acts, on_clean = a, _active_keys(a)
+                    continue
+                changes.append(_delta(base_acts, a))
                 on = _active_keys(a)
                 diff = torch.cat([on[~torch.isin(on, on_clean)], on_clean[~torch.isin(on_clean, on)]])
                 flipped.append(torch.unique(diff % d_sae))
@@ -1248,12 +1278,7 @@ def _edges_exact(sp, sae_u, sae_d, D, rec_c, up, out_u, out_d, B, per, dtype, ru
         for s in range(0, len(jobs), per):
             chunk = jobs[s:s + per]
             c = len(chunk)
-            value = out_u.unsqueeze(0).repeat(c, 1, 1, 1).reshape(c * B, *out_u.shape[1:])
-            us = [u for u in chunk if u is not None]
-            if us:
-                first = chunk.index(us[0])
-                value[first * B:] = patched_u(us)
-            metrics += forward(c, rules(c, value, False,
+            metrics += forward(c, rules(c, patched_u(chunk), False,
                                         _inject(sp, out_d.repeat(c, 1, 1))))
         for ui, m in enumerate(metrics[1:]):
             to_metric[ui] = (m - metrics[0]).to(dtype)

@@ -9,6 +9,7 @@ spliced layer's output (there AtP, IG and exact patching must agree exactly)."""
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -830,3 +831,68 @@ def test_exact_flips(setup):
             _run(model, clean)
             moved = not torch.equal(on(sp["resid:1"].acts), on(rc["resid:1"].acts))
         assert moved == bool(flips[i]), i
+
+
+def test_exact_flips_and_edges_against_the_batched_baseline(setup):
+    """Flips (node and edge exact) and the downstream changes of edge exact are measured
+    against the baseline copy of the same batched forward, not the clean forward of B rows: a
+    GPU forward of another batch size may round differently (GEMMs pick their algorithm by
+    shape), and a gate at its threshold would then "flip" in every copy. Simulated here: a
+    resid:1 gate sits 1e-9 above its threshold at (row 0, position 0), which no patch
+    reaches, and a hook moves resid:1's output by a rounding-sized step in every forward of
+    more than B rows, closing that gate there. The flags must be those of the run without it."""
+    model, clean, patch = setup["model"], setup["clean"], setup["patch"]
+    saes = {L: copy.deepcopy(s) for L, s in setup["saes"]["cpu"].items()}
+    sae1 = saes["resid:1"]
+    _, rc = _records(model, saes, clean)
+    j = 5
+    W = sae1.W_enc.detach()[:, j]
+    with torch.no_grad():
+        z = (rc["resid:1"].x[0, 0] - sae1.b_dec) @ W
+        sae1.b_gate[j] = -z + 1e-9
+    step = 2e-9 * W / W.dot(W)          # moves pi_gate[j] by -2e-9
+    _, rc = _records(model, saes, clean)
+
+    def rounding(x):
+        return x - step if x.shape[0] != clean.shape[0] else x
+
+    kw = dict(method="exact", batch_size=1024)
+    ref = interp.node_effects(model, saes, clean, patch, metric, other_errors="clean", **kw)
+    cand = ref["resid:0"].flips.nonzero().flatten()[:3].tolist() + \
+        (~ref["resid:0"].flips & (ref["resid:0"].features != 0)).nonzero().flatten()[:3].tolist()
+    e_ref = interp.edge_effects(model, saes, clean, patch, metric, "resid:0", "resid:1",
+                                features=cand, **kw)
+    assert ref["resid:0"].flips.any() and not ref["resid:0"].flips.all()
+    with A.splice(model, "resid:1", rounding):
+        with torch.no_grad():   # the gate does close in a forward of more than B rows
+            _, rc_big = _records(model, saes, clean.repeat(2, 1))
+            assert (rc_big["resid:1"].acts.to_dense(values="pi_gate")[0, 0, j] == 0
+                    and rc["resid:1"].acts.to_dense(values="pi_gate")[0, 0, j] > 0)
+        got = interp.node_effects(model, saes, clean, patch, metric, other_errors="clean",
+                                  **kw)
+        e = interp.edge_effects(model, saes, clean, patch, metric, "resid:0", "resid:1",
+                                features=cand, **kw)
+    assert torch.equal(got["resid:0"].flips, ref["resid:0"].flips)
+    torch.testing.assert_close(got["resid:0"].features, ref["resid:0"].features,
+                               atol=1e-6 * ref["resid:0"].features.abs().max().item(), rtol=0)
+    assert torch.equal(e.downstream, e_ref.downstream) and torch.equal(e.flips, e_ref.flips)
+    torch.testing.assert_close(e.effects, e_ref.effects,
+                               atol=1e-6 * e_ref.effects.abs().max().item(), rtol=0)
+
+
+def test_jump_ig_warns_in_16_bit(setup):
+    """In bf16 (the model or an SAE) the path moves in rounding steps: downstream gates flip
+    on and off by rounding (404 crossings on the test setup instead of 74) and the per-node
+    split is noise, so jump_ig says so; float64 does not warn."""
+    model, saes, clean, patch = (setup[k] for k in ("model", "saes", "clean", "patch"))
+    saes = saes["cpu"]
+    kw = dict(method="jump_ig", steps=1, other_errors="clean")
+    bf16 = {L: copy.deepcopy(s).to(torch.bfloat16) for L, s in saes.items()}
+    for m, s in ((copy.deepcopy(model).to(torch.bfloat16), saes), (model, bf16)):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*16-bit")   # stop at the warning
+            with pytest.raises(UserWarning, match="16-bit floats"):
+                interp.node_effects(m, s, clean, patch, metric, **kw)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*16-bit")
+        interp.node_effects(model, saes, clean, patch, metric, **kw)
