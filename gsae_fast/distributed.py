@@ -303,13 +303,9 @@ def init_shard(d_in: int, d_sae: int, features: tuple[int, int], *, device, back
     """A GatedSAE holding features [start, stop) of the one ``GatedSAE(d_in, d_sae, ...)``
     would initialise now (the same RNG draws: a sharded run starts where a single-process one
     does). The full ``W_dec`` exists for a moment on ``device``."""
-    from .modules import GatedSAE
+    from .modules import GatedSAE, init_decoder
     start, stop = features
-    W = torch.empty(d_sae, d_in, device=device)
-    nn.init.kaiming_uniform_(W)  # GatedSAE's initialisation, drawn in full
-    W = W[start:stop].clone()
-    if decoder_init_norm is not None:
-        W *= decoder_init_norm / W.norm(dim=1, keepdim=True)
+    W = init_decoder(d_in, d_sae, decoder_init_norm, rows=features, device=device)
     if backend not in ("auto", "reference"):
         backends.resolve(backend, W.device)  # fail now, with the reason
     sae = GatedSAE(d_in, stop - start, device="meta", decoder_init_norm=None)

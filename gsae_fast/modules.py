@@ -10,6 +10,21 @@ from . import backends, interop, jumprelu, ops, reference, topk
 from .types import GatedLoss, SparseActs
 
 
+@torch.no_grad()
+def init_decoder(d_in: int, d_sae: int, norm: Optional[float], *, rows: Optional[tuple] = None,
+                 dtype=None, device=None) -> Tensor:
+    """SAELens' decoder initialisation: Kaiming-uniform ``[d_sae, d_in]``, rows scaled to
+    ``norm`` (None: left as drawn). ``rows=(start, stop)``: only those rows of the same draw
+    (a feature shard starts where the whole dictionary would)."""
+    W = torch.empty(d_sae, d_in, dtype=dtype, device=device)
+    nn.init.kaiming_uniform_(W)
+    if rows is not None:
+        W = W[rows[0]:rows[1]].clone()
+    if norm is not None:
+        W *= norm / W.norm(dim=1, keepdim=True)
+    return W
+
+
 class _SparseSAE(nn.Module):
     """What the SAE modules share: the decoder, SAELens' initialisation, the backend choice,
     the capacity hint (the largest row count seen, so the next sparse encode rarely re-runs) and
@@ -30,11 +45,7 @@ class _SparseSAE(nn.Module):
             dev = torch.device(device) if device is not None else torch.device("cpu")
             backends.resolve(backend, dev)  # fail now, with the reason, not at the first call
         kw = dict(dtype=dtype, device=device)
-        W_dec = torch.empty(d_sae, d_in, **kw)
-        nn.init.kaiming_uniform_(W_dec)
-        if decoder_init_norm is not None:
-            with torch.no_grad():
-                W_dec *= decoder_init_norm / W_dec.norm(dim=1, keepdim=True)
+        W_dec = init_decoder(d_in, d_sae, decoder_init_norm, **kw)
         self.W_dec = nn.Parameter(W_dec)
         self.W_enc = nn.Parameter(W_dec.T.clone().contiguous())
         self.b_dec = nn.Parameter(torch.zeros(d_in, **kw))
