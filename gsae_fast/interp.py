@@ -753,14 +753,13 @@ class _Path:
         rows = [[] for _ in range(c * self.B)]
         for k, off in zip(self.after, self.offsets):
             acts = self.sp.records[k].acts
-            n_pos, d_sae = acts.idx.shape[1], acts.d_sae
-            pos = torch.arange(n_pos, device=acts.idx.device).view(1, n_pos, 1)
-            mask = acts.mask()
-            # One transfer per layer (not one per row: c * B syncs per forward on a GPU); the
-            # masked keys are in row order, each row's sorted.
-            keys = (off + pos * d_sae + acts.idx.long())[mask].cpu()
-            counts = mask.flatten(1).sum(1).cpu().tolist()
-            for r, part in enumerate(torch.split(keys, counts)):
+            span = acts.idx.shape[1] * acts.d_sae  # one batch row's keys
+            # One transfer per layer (not one per row: c * B syncs per forward on a GPU);
+            # (row * pos + t) * d_sae + feature, sorted: each batch row's keys are a run.
+            keys = _active_keys(acts).cpu()
+            row = keys // span
+            counts = torch.bincount(row, minlength=c * self.B).tolist()
+            for r, part in enumerate(torch.split(keys - row * span + off, counts)):
                 rows[r].append(part)
         flat = [torch.cat(r) if r else torch.zeros(0, dtype=torch.long) for r in rows]
         return [flat[j * self.B:(j + 1) * self.B] for j in range(c)]
@@ -1129,7 +1128,7 @@ def edge_effects(model: torch.nn.Module, saes: Mapping, clean_tokens: Tensor,
                 r[D] = d_rule
             return r
 
-        def forward(c, rule_set, want_metric=True):
+        def forward(c, rule_set):
             """Run ``c`` copies of the clean batch; returns the metric per copy, or D's record
             when D's rule stops the forward."""
             sp._internal = rule_set
@@ -1222,21 +1221,27 @@ def _edges_exact(sp, sae_u, sae_d, D, rec_c, up, out_u, out_d, B, per, dtype, ru
                  patched_u, order):
     device, d_sae = out_u.device, sae_d.d_sae
     err_d = rec_c[D].err.detach()
-    # 1. D's activations with each upstream feature patched: their change, per u, against a
-    # baseline copy (job None, nothing patched) of the same batched forward, not the clean
-    # forward's records (a forward of another batch size may round differently: on a GPU every
-    # active feature would then "change" by a rounding and a gate at its threshold "flip").
+    # 1. One forward per upstream feature patched (job None: nothing patched, the baseline),
+    # D encoding its input but outputting its clean value: D's activations give the change u
+    # causes in D (against the baseline copy of the same batched forward, not the clean
+    # forward's records: a forward of another batch size may round differently, and on a GPU
+    # every active feature would then "change" and a gate at its threshold "flip"); the metric
+    # gives u's effect avoiding D (step 3).
     changes, flipped = [], []  # per u: (rows, feats, vals) of D's change; features that flipped
     base_acts = on_clean = None
+    jobs = [None] + up.tolist()
+    around = []  # the metric per job
     with torch.no_grad():
-        jobs = [None] + up.tolist()
         for s in range(0, len(jobs), per):
             chunk = jobs[s:s + per]
             c = len(chunk)
-            rec = forward(c, rules(c, patched_u(chunk), False, _stop_after(_reencode(
-                sp, err_d.repeat(c, 1, 1), sae_grad=False, err_grad=False))))
+            encode = _reencode(sp, err_d.repeat(c, 1, 1), sae_grad=False, err_grad=False)
+            held = out_d.repeat(c, 1, 1)
+            around += forward(c, rules(c, patched_u(chunk), False,
+                                       lambda key, x, sae: (held, encode(key, x, sae)[1])))
+            acts = sp.records[D].acts
             for ci, u in enumerate(chunk):
-                a = _rows_of(rec.acts, ci * B, (ci + 1) * B)
+                a = _rows_of(acts, ci * B, (ci + 1) * B)
                 if u is None:
                     base_acts, on_clean = a, _active_keys(a)
                     continue
@@ -1271,17 +1276,10 @@ def _edges_exact(sp, sae_u, sae_d, D, rec_c, up, out_u, out_d, B, per, dtype, ru
             effects[ui, di] = (m - base).to(dtype)
         for ui, fl in enumerate(flipped):
             flips[ui] = torch.isin(down, fl)
-        # 3. To the metric avoiding D: u patched, D's output held at its clean value.
+        # 3. To the metric avoiding D: u patched, D's output held at its clean value (step 1).
         to_metric = torch.zeros(up.numel(), dtype=dtype, device=device)
-        jobs = [None] + up.tolist()
-        metrics = []
-        for s in range(0, len(jobs), per):
-            chunk = jobs[s:s + per]
-            c = len(chunk)
-            metrics += forward(c, rules(c, patched_u(chunk), False,
-                                        _inject(sp, out_d.repeat(c, 1, 1))))
-        for ui, m in enumerate(metrics[1:]):
-            to_metric[ui] = (m - metrics[0]).to(dtype)
+        for ui, m in enumerate(around[1:]):
+            to_metric[ui] = (m - around[0]).to(dtype)
     return effects, to_metric, down, flips
 
 
