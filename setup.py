@@ -39,7 +39,7 @@ def extension_setup():
               "(install torch, then `pip install --no-build-isolation -e .`)")
         return {}
 
-    cpp_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    cpp_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp") + glob.glob("csrc/emu/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
     want_cuda = os.environ.get("GSAE_FAST_CUDA")
     toolkit = cpp_extension.CUDA_HOME is not None and os.path.exists(

@@ -8,6 +8,8 @@
 #include <optional>
 #include <tuple>
 
+#include "kernel_ops.h"
+
 namespace gsae_fast {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_encode_cpu(
     const at::Tensor& x, const at::Tensor& W_enc, const at::Tensor& b_dec,
@@ -27,22 +29,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_backward_cpu(
     const at::Tensor& counts, const at::Tensor& W_dec, bool need_val, bool need_W_dec);
 }  // namespace gsae_fast
 
-TORCH_LIBRARY(gsae_fast_C, m) {
-  m.def(
-      "gated_encode(Tensor x, Tensor W_enc, Tensor b_dec, Tensor b_gate, Tensor r_mag, "
-      "Tensor b_mag, int capacity) -> (Tensor f, Tensor pi_gate, Tensor idx, Tensor counts, "
-      "Tensor status)");
-  m.def(
-      "gated_encode_backward(Tensor x, Tensor W_enc, Tensor b_dec, Tensor b_gate, Tensor r_mag, "
-      "Tensor b_mag, Tensor idx, Tensor f, Tensor pi_gate, Tensor counts, Tensor grad_f, "
-      "Tensor grad_pi_gate, bool need_x) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def(
-      "sparse_decode(Tensor idx, Tensor val, Tensor counts, Tensor W_dec, Tensor? bias) -> "
-      "Tensor");
-  m.def(
-      "sparse_decode_backward(Tensor grad_out, Tensor idx, Tensor val, Tensor counts, "
-      "Tensor W_dec, bool need_val, bool need_W_dec) -> (Tensor, Tensor)");
-}
+TORCH_LIBRARY(gsae_fast_C, m) { gsae_fast::define_kernel_ops(m); }
 
 TORCH_LIBRARY_IMPL(gsae_fast_C, CPU, m) {
   m.impl("gated_encode", &gsae_fast::gated_encode_cpu);

@@ -8,6 +8,9 @@ Backends (``backend=`` everywhere):
 - ``"cuda"``: compiled CUDA kernels on CUDA tensors (when the extension was built with them);
 - ``"triton"``: Triton kernels in gsae_fast.kernels on CUDA tensors (CPU tensors under
   TRITON_INTERPRET=1, for testing);
+- ``"cuda_emulated"``: the CUDA executor's host code and kernels compiled for the CPU and run by
+  an emulator of the CUDA execution model, on CPU tensors (csrc/emu): it tests the CUDA
+  executor's logic without a GPU, slowly; never chosen by ``"auto"``;
 - ``"auto"``: the fastest built executor for the tensors' device.
 """
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch
 
 from . import torch_executor
 
-BACKENDS = ("reference", "cpu", "cuda", "triton")
+BACKENDS = ("reference", "cpu", "cuda", "triton", "cuda_emulated")
 # Fastest first, per device type; "auto" takes the first one that is built.
 _AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("triton", "cuda", "reference")}
 
@@ -59,6 +62,12 @@ def why_unavailable(backend: str, device: torch.device) -> Optional[str]:
         if device.type != "cpu":
             return f"backend 'cpu' runs on CPU tensors, got a tensor on {device}"
         if not _has_kernel("gsae_fast_C::gated_encode", "CPU"):
+            return f"the C++ extension gsae_fast._C is not built ({_ext_error})"
+        return None
+    if backend == "cuda_emulated":
+        if device.type != "cpu":
+            return f"backend 'cuda_emulated' runs on CPU tensors, got a tensor on {device}"
+        if not _has_kernel("gsae_fast_emu::gated_encode", "CPU"):
             return f"the C++ extension gsae_fast._C is not built ({_ext_error})"
         return None
     if backend == "cuda":
@@ -109,6 +118,8 @@ def executor(backend: str):
         return torch_executor
     if backend in ("cpu", "cuda"):
         return torch.ops.gsae_fast_C
+    if backend == "cuda_emulated":
+        return torch.ops.gsae_fast_emu
     if backend == "triton":
         return _triton_kernels()  # resolve() has checked that it is ready
     raise ValueError(f"unknown backend {backend!r}")

@@ -14,6 +14,10 @@ sys.path.insert(0, os.path.dirname(__file__))
 # joins the CPU executors below and every op test runs on it.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Tests that run under torch.use_deterministic_algorithms(True) on a GPU: cuBLAS (at::mm, the
+# CUDA executor's encoder GEMM) refuses to run deterministically without this (read when the
+# first cuBLAS handle is made, so before any GPU matmul).
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 import gsae_fast  # noqa: E402
 
@@ -29,6 +33,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def emulated_schedule(order: str, seed: int = 0) -> None:
+    """The order in which the emulated CUDA executor runs blocks and threads from now on
+    ("forward", "reverse", "shuffle" with a seed; see csrc/emu/runtime.h)."""
+    torch.ops.gsae_fast_emu.set_schedule(order, seed)
+
+
+def default_emulated_schedule() -> tuple[str, int]:
+    """The schedule this test run started with (GSAE_FAST_EMU_SCHEDULE, as the emulator reads it)."""
+    value = os.environ.get("GSAE_FAST_EMU_SCHEDULE", "forward")
+    if value.startswith("shuffle"):
+        return "shuffle", int(value.partition(":")[2] or 0)
+    return value, 0
 
 
 def make_params(d_in, d_sae, dtype=torch.float64, l0_frac=0.15, seed=0, device="cpu"):

@@ -1,17 +1,17 @@
 // CUDA kernels of the "cuda" executor. Raw pointers only: no torch headers here, so nvcc stays
 // fast; the host side (shapes, dtypes, torch ops, streams, error checks) is ops_cuda.cpp.
+// The same source also compiles as C++ for the "cuda_emulated" executor (csrc/emu runs it on the
+// CPU, for tests): kernels start through launch_kernel (cuda/launch.h), in both builds.
 //
 // Accumulation type A is float (fp32/bf16/fp16 inputs) or double (fp64). Tensors the host has
 // already converted to A: values, gradients of the outputs, centred inputs, biases. Tensors read
 // in their storage dtype T: the weight matrices (the big reads).
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
 #include <stdint.h>
 
-#include "kernels.h"
+#include "cuda/launch.h"
 
 namespace gsae_fast_cuda {
+inline namespace GSAE_CUDA_VARIANT {
 namespace {
 
 template <typename T> __device__ __forceinline__ float to_acc(T v);
@@ -100,7 +100,7 @@ __global__ void segment_scatter_kernel(const int64_t* __restrict__ ptr,
     for (int64_t p = p0; p < p1; ++p) acc += vals[p] * src[rows[p] * width + c];
     out[f * width + c] = store<T, A>(acc);
   }
-  if (threadIdx.x < n_extra) {
+  if (static_cast<int>(threadIdx.x) < n_extra) {
     const int j = threadIdx.x;
     A s = 0;
     for (int64_t p = p0; p < p1; ++p) s += extra[j * n_pairs + p];
@@ -176,18 +176,17 @@ void decode_t(const int32_t* idx, const void* val, const int32_t* counts, const 
               const void* bias, void* out, int64_t B, int64_t K, int64_t d_in, cudaStream_t s) {
   const int64_t cols = 1024;  // columns per block: enough blocks for small B, long rows in L2
   dim3 grid(static_cast<unsigned>(B), static_cast<unsigned>((d_in + cols - 1) / cols));
-  decode_kernel<T, A><<<grid, 256, 0, s>>>(idx, static_cast<const A*>(val), counts,
-                                           static_cast<const T*>(W),
-                                           static_cast<const A*>(bias), static_cast<T*>(out), K,
-                                           d_in, cols);
+  launch_kernel("decode_kernel", &decode_kernel<T, A>, grid, dim3(256), 0, s, idx,
+                static_cast<const A*>(val), counts, static_cast<const T*>(W),
+                static_cast<const A*>(bias), static_cast<T*>(out), K, d_in, cols);
 }
 
 template <typename T, typename A>
 void slot_dot_t(const void* g, const int32_t* idx, const int32_t* counts, const void* W,
                 void* grad_val, int64_t B, int64_t K, int64_t d_in, cudaStream_t s) {
-  slot_dot_kernel<T, A><<<blocks_for(B * K * 32, 256), 256, 0, s>>>(
-      static_cast<const A*>(g), idx, counts, static_cast<const T*>(W), static_cast<A*>(grad_val),
-      B, K, d_in);
+  launch_kernel("slot_dot_kernel", &slot_dot_kernel<T, A>, dim3(blocks_for(B * K * 32, 256)),
+                dim3(256), 0, s, static_cast<const A*>(g), idx, counts, static_cast<const T*>(W),
+                static_cast<A*>(grad_val), B, K, d_in);
 }
 
 }  // namespace
@@ -219,23 +218,26 @@ void launch_segment_scatter(DType out_dt, const int64_t* ptr, const int64_t* row
                             int64_t width, const void* extra, void* sums, int n_extra,
                             int64_t n_pairs, cudaStream_t s) {
   if (d_sae == 0) return;
-  GSAE_DISPATCH_W(out_dt, (segment_scatter_kernel<T, A><<<static_cast<unsigned>(d_sae), 128, 0, s>>>(
-      ptr, rows, static_cast<const A*>(vals), static_cast<const A*>(src), static_cast<T*>(out),
-      width, static_cast<const A*>(extra), static_cast<A*>(sums), n_extra, n_pairs, d_sae)));
+  GSAE_DISPATCH_W(out_dt, (launch_kernel(
+      "segment_scatter_kernel", &segment_scatter_kernel<T, A>, dim3(static_cast<unsigned>(d_sae)),
+      dim3(128), 0, s, ptr, rows, static_cast<const A*>(vals), static_cast<const A*>(src),
+      static_cast<T*>(out), width, static_cast<const A*>(extra), static_cast<A*>(sums), n_extra,
+      n_pairs, d_sae)));
 }
 
 void launch_atomic_scatter(bool fp64, const int32_t* idx, const void* val, const int32_t* counts,
                            const void* src, void* out, int64_t B, int64_t K, int64_t width,
                            cudaStream_t s) {
   if (B == 0) return;
+  const dim3 grid(static_cast<unsigned>(B));
   if (fp64) {
-    atomic_scatter_kernel<double><<<static_cast<unsigned>(B), 256, 0, s>>>(
-        idx, static_cast<const double*>(val), counts, static_cast<const double*>(src),
-        static_cast<double*>(out), K, width);
+    launch_kernel("atomic_scatter_kernel", &atomic_scatter_kernel<double>, grid, dim3(256), 0, s,
+                  idx, static_cast<const double*>(val), counts, static_cast<const double*>(src),
+                  static_cast<double*>(out), K, width);
   } else {
-    atomic_scatter_kernel<float><<<static_cast<unsigned>(B), 256, 0, s>>>(
-        idx, static_cast<const float*>(val), counts, static_cast<const float*>(src),
-        static_cast<float*>(out), K, width);
+    launch_kernel("atomic_scatter_kernel", &atomic_scatter_kernel<float>, grid, dim3(256), 0, s,
+                  idx, static_cast<const float*>(val), counts, static_cast<const float*>(src),
+                  static_cast<float*>(out), K, width);
   }
 }
 
@@ -244,20 +246,21 @@ void launch_epilogue(bool fp64, const void* z, int64_t B, int64_t F, int64_t f0,
                      int32_t* idx, void* f, void* pi, int32_t* counts, int32_t* bad,
                      cudaStream_t s) {
   if (B == 0 || F == 0) return;
-  const int grid = blocks_for(B * 32, 256);
+  const dim3 grid(blocks_for(B * 32, 256));
   if (fp64) {
-    epilogue_kernel<double><<<grid, 256, 0, s>>>(
-        static_cast<const double*>(z), B, F, f0, static_cast<const double*>(centre),
-        static_cast<const double*>(b_gate),
-        static_cast<const double*>(exp_r), static_cast<const double*>(b_mag), capacity, idx,
-        static_cast<double*>(f), static_cast<double*>(pi), counts, bad);
+    launch_kernel("epilogue_kernel", &epilogue_kernel<double>, grid, dim3(256), 0, s,
+                  static_cast<const double*>(z), B, F, f0, static_cast<const double*>(centre),
+                  static_cast<const double*>(b_gate), static_cast<const double*>(exp_r),
+                  static_cast<const double*>(b_mag), capacity, idx, static_cast<double*>(f),
+                  static_cast<double*>(pi), counts, bad);
   } else {
-    epilogue_kernel<float><<<grid, 256, 0, s>>>(
-        static_cast<const float*>(z), B, F, f0, static_cast<const float*>(centre),
-        static_cast<const float*>(b_gate),
-        static_cast<const float*>(exp_r), static_cast<const float*>(b_mag), capacity, idx,
-        static_cast<float*>(f), static_cast<float*>(pi), counts, bad);
+    launch_kernel("epilogue_kernel", &epilogue_kernel<float>, grid, dim3(256), 0, s,
+                  static_cast<const float*>(z), B, F, f0, static_cast<const float*>(centre),
+                  static_cast<const float*>(b_gate), static_cast<const float*>(exp_r),
+                  static_cast<const float*>(b_mag), capacity, idx, static_cast<float*>(f),
+                  static_cast<float*>(pi), counts, bad);
   }
 }
 
+}  // namespace GSAE_CUDA_VARIANT
 }  // namespace gsae_fast_cuda

@@ -1,10 +1,22 @@
 // Launchers of the CUDA kernels (csrc/cuda/kernels.cu): raw pointers and sizes, on a stream.
 // Accumulation-type buffers (A) are float, or double for fp64; see kernels.cu.
+//
+// Two builds share this source: the real one (nvcc, GPU) and the emulated one (the same kernels
+// compiled as C++ and run on the CPU by csrc/emu, when GSAE_FAST_CUDA_EMULATED is defined). Their
+// symbols live in different inline namespaces, so both can sit in one library.
 #pragma once
-#include <cuda_runtime.h>
 #include <stdint.h>
 
+#if defined(GSAE_FAST_CUDA_EMULATED)
+#include "emu/runtime.h"
+#define GSAE_CUDA_VARIANT emulated
+#else
+#include <cuda_runtime.h>
+#define GSAE_CUDA_VARIANT device
+#endif
+
 namespace gsae_fast_cuda {
+inline namespace GSAE_CUDA_VARIANT {
 
 enum class DType { F32, F64, BF16, F16 };  // the storage dtype of the weight matrices
 
@@ -35,4 +47,5 @@ void launch_epilogue(bool fp64, const void* z, int64_t B, int64_t F, int64_t f0,
                      int32_t* idx, void* f, void* pi, int32_t* counts, int32_t* bad,
                      cudaStream_t s);
 
+}  // namespace GSAE_CUDA_VARIANT
 }  // namespace gsae_fast_cuda

@@ -6,9 +6,12 @@
 // fp16 inputs) over blocks of features small enough that a [B, block] fp32 tile stays small
 // (ENCODE_BLOCK_ELEMS), each followed by the epilogue kernel that gates and compacts the block;
 // no [B, d_sae] tensor is allocated.
+//
+// This host code is built twice: for the GPU, and (GSAE_FAST_CUDA_EMULATED, csrc/emu/ops_emu.cpp)
+// on CPU tensors with the kernels run by the emulator, as the "cuda_emulated" executor. The two
+// differ only in what is below under that macro: the device checks, guard and stream, and the
+// GEMM's output dtype; the launch logic is one.
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>  // (not ATen/cuda/CUDAContext.h: it needs the cuSPARSE headers)
 #include <torch/library.h>
 #include <torch/version.h>
 
@@ -18,8 +21,29 @@
 
 #include "cuda/kernels.h"
 
+#if defined(GSAE_FAST_CUDA_EMULATED)
+#define GSAE_OP(name) "gsae_fast_emu::" name " (cuda_emulated)"
+#else
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>  // (not ATen/cuda/CUDAContext.h: it needs the cuSPARSE headers)
+#define GSAE_OP(name) "gsae_fast_C::" name " (cuda)"
+#endif
+
 namespace gsae_fast {
+inline namespace GSAE_CUDA_VARIANT {
 namespace {
+
+#if defined(GSAE_FAST_CUDA_EMULATED)
+struct DeviceGuard {  // CPU tensors: nothing to make current (ops_emu.cpp guards the memory)
+  explicit DeviceGuard(c10::Device) {}
+};
+cudaStream_t current_stream() { return nullptr; }
+bool on_device(const at::Tensor& t) { return t.is_cpu(); }
+#else
+using DeviceGuard = c10::cuda::CUDAGuard;
+cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream(); }
+bool on_device(const at::Tensor& t) { return t.is_cuda(); }
+#endif
 
 using gsae_fast_cuda::DType;
 
@@ -39,7 +63,13 @@ DType dtype_code(at::ScalarType t, const char* op) {
 }
 
 void check_cuda(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got ", t.device());
+  TORCH_CHECK(on_device(t), op, ": ", name, " must be a ",
+#if defined(GSAE_FAST_CUDA_EMULATED)
+              "CPU tensor (the emulated CUDA executor)",
+#else
+              "CUDA tensor",
+#endif
+              ", got ", t.device());
   TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
 }
 
@@ -60,7 +90,8 @@ void check_sparse(const at::Tensor& idx, const at::Tensor& counts, const at::Ten
 // z = a @ b in the accumulation dtype: bf16 / fp16 products accumulate and land in fp32.
 at::Tensor mm_acc(const at::Tensor& a, const at::Tensor& b) {
   if (a.scalar_type() == at::kBFloat16 || a.scalar_type() == at::kHalf) {
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
+#if (TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)) && \
+    !defined(GSAE_FAST_CUDA_EMULATED)  // (mm with an output dtype is CUDA-only)
     return at::mm(a, b, at::kFloat);
 #else
     return at::mm(a.to(at::kFloat), b.to(at::kFloat));
@@ -99,14 +130,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_enc
     const at::Tensor& x, const at::Tensor& W_enc, const at::Tensor& b_dec,
     const at::Tensor& b_gate, const at::Tensor& r_mag, const at::Tensor& b_mag,
     int64_t capacity) {
-  const char* op = "gsae_fast_C::gated_encode (cuda)";
+  const char* op = GSAE_OP("gated_encode");
   for (auto* t : {&x, &W_enc, &b_dec, &b_gate, &r_mag, &b_mag}) check_cuda(*t, op, "input");
   TORCH_CHECK(x.dim() == 2 && W_enc.dim() == 2 && x.size(1) == W_enc.size(0), op,
               ": x must be [B, d_in] and W_enc [d_in, d_sae]");
   TORCH_CHECK(capacity >= 0, op, ": capacity must be >= 0");
   TORCH_CHECK(W_enc.scalar_type() == x.scalar_type() && b_dec.scalar_type() == x.scalar_type(),
               op, ": x, W_enc and b_dec must share one dtype");
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x.device());
   const int64_t B = x.size(0), d_sae = W_enc.size(1);
   const auto acc = acc_of(x.scalar_type());
   const bool fp64 = acc == at::kDouble;
@@ -122,7 +153,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_enc
        bm = b_mag.to(acc).contiguous();
   const int64_t block = std::max<int64_t>(
       128, std::min<int64_t>(d_sae, ENCODE_BLOCK_ELEMS / std::max<int64_t>(B, 1)) / 128 * 128);
-  auto stream = c10::cuda::getCurrentCUDAStream();
+  auto stream = current_stream();
   for (int64_t f0 = 0; f0 < d_sae && B > 0; f0 += block) {
     const int64_t F = std::min(block, d_sae - f0);
     auto z = mm_acc(x, W_enc.narrow(1, f0, F)).contiguous();  // centred in the epilogue
@@ -145,7 +176,7 @@ gated_encode_backward_cuda(const at::Tensor& x, const at::Tensor& W_enc, const a
                            const at::Tensor& pi_gate, const at::Tensor& counts,
                            const at::Tensor& grad_f, const at::Tensor& grad_pi_gate,
                            bool need_x) {
-  const char* op = "gsae_fast_C::gated_encode_backward (cuda)";
+  const char* op = GSAE_OP("gated_encode_backward");
   for (auto* t : {&x, &W_enc, &b_dec, &b_gate, &r_mag, &b_mag, &idx, &f, &pi_gate, &counts,
                   &grad_f, &grad_pi_gate})
     check_cuda(*t, op, "input");
@@ -157,11 +188,12 @@ gated_encode_backward_cuda(const at::Tensor& x, const at::Tensor& W_enc, const a
   for (auto* t : {&f, &pi_gate, &grad_f, &grad_pi_gate})
     TORCH_CHECK(t->scalar_type() == acc && t->sizes() == idx.sizes(), op,
                 ": f, pi_gate and their gradients must be ", acc, " of idx's shape");
-  const c10::cuda::CUDAGuard guard(x.device());
-  auto stream = c10::cuda::getCurrentCUDAStream();
+  const DeviceGuard guard(x.device());
+  auto stream = current_stream();
 
-  auto i = idx.to(at::kLong);
-  auto mask = at::arange(K, i.options()).unsqueeze(0) < counts.to(at::kLong).unsqueeze(1);
+  auto mask = at::arange(K, idx.options().dtype(at::kLong)).unsqueeze(0) <
+              counts.to(at::kLong).unsqueeze(1);
+  auto i = at::where(mask, idx, 0).to(at::kLong);  // padding never indexes (it may hold anything)
   auto zero = at::zeros({}, f.options());
   auto er = r_mag.to(acc).exp();
   auto dpm = at::where(mask & (f > 0), grad_f, zero);       // d pre-magnitude
@@ -201,14 +233,16 @@ gated_encode_backward_cuda(const at::Tensor& x, const at::Tensor& W_enc, const a
                                   dx.data_ptr(), B, K, d_in, stream);
     check_launch(op);
   }
-  return {dx, dWt.t().contiguous(), db_dec.to(dt), sums[0].to(dt),
-          (er * sums[2]).to(dt), sums[1].to(dt)};
+  // copy=true: rows of `sums` must not come back as views of one tensor when dt is already the
+  // accumulation dtype (fp64): the outputs of a custom op may not alias each other.
+  return {dx, dWt.t().contiguous(), db_dec.to(dt), sums[0].to(dt, false, true),
+          (er * sums[2]).to(dt), sums[1].to(dt, false, true)};
 }
 
 at::Tensor sparse_decode_cuda(const at::Tensor& idx, const at::Tensor& val,
                               const at::Tensor& counts, const at::Tensor& W_dec,
                               const std::optional<at::Tensor>& bias) {
-  const char* op = "gsae_fast_C::sparse_decode (cuda)";
+  const char* op = GSAE_OP("sparse_decode");
   for (auto* t : {&idx, &val, &counts, &W_dec}) check_cuda(*t, op, "input");
   check_sparse(idx, counts, val, op);
   const auto acc = acc_of(W_dec.scalar_type());
@@ -216,7 +250,7 @@ at::Tensor sparse_decode_cuda(const at::Tensor& idx, const at::Tensor& val,
   TORCH_CHECK(W_dec.dim() == 2, op, ": W_dec must be [d_sae, d_in]");
   const int64_t B = idx.size(0), K = idx.size(1), d_in = W_dec.size(1);
   TORCH_CHECK(!bias.has_value() || bias->numel() == d_in, op, ": bias must be [d_in]");
-  const c10::cuda::CUDAGuard guard(W_dec.device());
+  const DeviceGuard guard(W_dec.device());
   at::Tensor b;
   if (bias.has_value()) {
     check_cuda(*bias, op, "bias");
@@ -226,7 +260,7 @@ at::Tensor sparse_decode_cuda(const at::Tensor& idx, const at::Tensor& val,
   gsae_fast_cuda::launch_decode(dtype_code(W_dec.scalar_type(), op), idx.data_ptr<int32_t>(),
                                 val.data_ptr(), counts.data_ptr<int32_t>(), W_dec.data_ptr(),
                                 b.defined() ? b.data_ptr() : nullptr, out.data_ptr(), B, K, d_in,
-                                c10::cuda::getCurrentCUDAStream());
+                                current_stream());
   check_launch(op);
   return out;
 }
@@ -234,7 +268,7 @@ at::Tensor sparse_decode_cuda(const at::Tensor& idx, const at::Tensor& val,
 std::tuple<at::Tensor, at::Tensor> sparse_decode_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& idx, const at::Tensor& val,
     const at::Tensor& counts, const at::Tensor& W_dec, bool need_val, bool need_W_dec) {
-  const char* op = "gsae_fast_C::sparse_decode_backward (cuda)";
+  const char* op = GSAE_OP("sparse_decode_backward");
   for (auto* t : {&grad_out, &idx, &val, &counts, &W_dec}) check_cuda(*t, op, "input");
   check_sparse(idx, counts, val, op);
   const auto acc = acc_of(W_dec.scalar_type());
@@ -243,8 +277,8 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_backward_cuda(
   const int64_t B = idx.size(0), K = idx.size(1), d_sae = W_dec.size(0), d_in = W_dec.size(1);
   TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == B && grad_out.size(1) == d_in, op,
               ": grad_out must be [B, d_in]");
-  const c10::cuda::CUDAGuard guard(W_dec.device());
-  auto stream = c10::cuda::getCurrentCUDAStream();
+  const DeviceGuard guard(W_dec.device());
+  auto stream = current_stream();
   auto g = grad_out.to(acc).contiguous();
   at::Tensor grad_val = at::empty({0}, val.options());
   if (need_val) {
@@ -278,11 +312,14 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_backward_cuda(
   return {grad_val, grad_W};
 }
 
+}  // namespace GSAE_CUDA_VARIANT
 }  // namespace gsae_fast
 
+#if !defined(GSAE_FAST_CUDA_EMULATED)  // the emulated build registers in csrc/emu/ops_emu.cpp
 TORCH_LIBRARY_IMPL(gsae_fast_C, CUDA, m) {
   m.impl("gated_encode", &gsae_fast::gated_encode_cuda);
   m.impl("gated_encode_backward", &gsae_fast::gated_encode_backward_cuda);
   m.impl("sparse_decode", &gsae_fast::sparse_decode_cuda);
   m.impl("sparse_decode_backward", &gsae_fast::sparse_decode_backward_cuda);
 }
+#endif

@@ -1,0 +1,58 @@
+// The "cuda_emulated" executor: the host code of the CUDA executor (csrc/cuda/ops_cuda.cpp,
+// compiled again with GSAE_FAST_CUDA_EMULATED) on CPU tensors, its kernels run by the emulator,
+// registered as the ops of library gsae_fast_emu. Each call copies its inputs into guarded
+// memory and allocates everything in guarded, poisoned memory (emu/guarded_memory.h).
+#define GSAE_FAST_CUDA_EMULATED 1
+#include "cuda/ops_cuda.cpp"
+
+#include <optional>
+#include <string>
+
+#include "emu/guarded_memory.h"
+#include "emu/runtime.h"
+#include "kernel_ops.h"
+
+namespace gsae_fast {
+namespace {
+
+template <typename T> const T& guard(const T& v) { return v; }
+at::Tensor guard(const at::Tensor& t) { return emu_memory::guarded_copy(t); }
+std::optional<at::Tensor> guard(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? std::optional<at::Tensor>(emu_memory::guarded_copy(*t)) : t;
+}
+
+// F with its tensor arguments copied into guarded memory and a guarded-memory scope around it.
+template <auto F> struct Guarded;
+template <typename R, typename... A, R (*F)(A...)> struct Guarded<F> {
+  static R call(A... args) {
+    emu_memory::GuardedMemoryScope scope;
+    return F(guard(args)...);
+  }
+};
+
+void set_schedule(std::string order, int64_t seed) {
+  gsae_emu::Order o;
+  if (order == "forward") o = gsae_emu::Order::Forward;
+  else if (order == "reverse") o = gsae_emu::Order::Reverse;
+  else if (order == "shuffle") o = gsae_emu::Order::Shuffle;
+  else TORCH_CHECK(false, "gsae_fast_emu::set_schedule: order must be forward, reverse or "
+                          "shuffle, got '", order, "'");
+  gsae_emu::set_schedule(o, static_cast<uint64_t>(seed));
+}
+
+}  // namespace
+}  // namespace gsae_fast
+
+TORCH_LIBRARY(gsae_fast_emu, m) {
+  gsae_fast::define_kernel_ops(m);
+  // The order of blocks and threads of every following emulated launch (see emu/runtime.h).
+  m.def("set_schedule(str order, int seed) -> ()", &gsae_fast::set_schedule);
+}
+
+TORCH_LIBRARY_IMPL(gsae_fast_emu, CPU, m) {
+  using namespace gsae_fast;
+  m.impl("gated_encode", &Guarded<&gated_encode_cuda>::call);
+  m.impl("gated_encode_backward", &Guarded<&gated_encode_backward_cuda>::call);
+  m.impl("sparse_decode", &Guarded<&sparse_decode_cuda>::call);
+  m.impl("sparse_decode_backward", &Guarded<&sparse_decode_backward_cuda>::call);
+}

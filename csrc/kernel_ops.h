@@ -1,0 +1,26 @@
+// The schemas of the kernel ops, one definition for every library that implements them:
+// gsae_fast_C (the "cpu" and "cuda" executors, csrc/ops.cpp) and gsae_fast_emu (the emulated
+// CUDA executor, csrc/emu/ops_emu.cpp). Users never call these: gsae_fast/ops.py does.
+#pragma once
+#include <torch/library.h>
+
+namespace gsae_fast {
+
+inline void define_kernel_ops(torch::Library& m) {
+  m.def(
+      "gated_encode(Tensor x, Tensor W_enc, Tensor b_dec, Tensor b_gate, Tensor r_mag, "
+      "Tensor b_mag, int capacity) -> (Tensor f, Tensor pi_gate, Tensor idx, Tensor counts, "
+      "Tensor status)");
+  m.def(
+      "gated_encode_backward(Tensor x, Tensor W_enc, Tensor b_dec, Tensor b_gate, Tensor r_mag, "
+      "Tensor b_mag, Tensor idx, Tensor f, Tensor pi_gate, Tensor counts, Tensor grad_f, "
+      "Tensor grad_pi_gate, bool need_x) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "sparse_decode(Tensor idx, Tensor val, Tensor counts, Tensor W_dec, Tensor? bias) -> "
+      "Tensor");
+  m.def(
+      "sparse_decode_backward(Tensor grad_out, Tensor idx, Tensor val, Tensor counts, "
+      "Tensor W_dec, bool need_val, bool need_W_dec) -> (Tensor, Tensor)");
+}
+
+}  // namespace gsae_fast
