@@ -286,13 +286,19 @@ def gated_sae_loss(x: Tensor, W_enc: Tensor, W_dec: Tensor, b_dec: Tensor, b_gat
     acts = gated_encode(x, W_enc, b_dec, b_gate, r_mag, b_mag, capacity=capacity, backend=backend)
     x_hat = sparse_decode(acts, W_dec, b_dec, backend=backend)
     mse = (x_hat - x).pow(2).sum(-1).mean()
-    g = acts.pi_gate  # relu(pi_gate) on the active slots, 0 on padding
+    # relu(pi_gate) on the active slots. Padding is masked here, not trusted to be zero: the loss
+    # never reads what an executor left in a padding slot.
+    active = acts.mask()
+    g = torch.where(active, acts.pi_gate, torch.zeros((), dtype=acts.pi_gate.dtype,
+                                                      device=acts.pi_gate.device))
     if sparsity == "unit":
         sparsity_term = l1_coefficient * g.sum(-1).mean()
     else:
         # sum_t sum_i |W_dec[i]| g[t, i] = |W_dec| . (per-feature sums of g). index_add is
-        # deterministic on CPU; the backward of the gather |W_dec|[idx] is not.
-        per_feature = g.new_zeros(d_sae).index_add(0, acts.idx.reshape(-1), g.reshape(-1))
+        # deterministic on CPU, and on CUDA under torch.use_deterministic_algorithms(True); the
+        # backward of the gather |W_dec|[idx] would not be.
+        idx = torch.where(active, acts.idx, torch.zeros_like(acts.idx))
+        per_feature = g.new_zeros(d_sae).index_add(0, idx.reshape(-1), g.reshape(-1))
         n_tokens = acts.counts.numel()
         sparsity_term = l1_coefficient * (W_dec.norm(dim=1).to(g.dtype) @ per_feature) / n_tokens
     if aux == "none":

@@ -60,7 +60,7 @@ def gated_encode_backward(x, W_enc, b_dec, b_gate, r_mag, b_mag, idx, f, pi_gate
     acc = acc_dtype(x.dtype)
     d_sae = W_enc.shape[1]
     mask = slot_mask(idx, counts)
-    i = idx.long()
+    i = torch.where(mask, idx, 0).long()  # padding never indexes (it may hold anything)
     er = torch.exp(r_mag.to(acc))
     zero = torch.zeros((), dtype=acc, device=x.device)
     dpm = torch.where(mask & (f > 0), grad_f, zero)
@@ -97,9 +97,10 @@ def sparse_decode_backward(grad_out, idx, val, counts, W_dec, need_val: bool, ne
     grad_val = empty
     if need_val:
         mask = slot_mask(idx, counts)
+        rows = torch.where(mask, idx, 0).long()  # padding never indexes (it may hold anything)
         # Row chunks keep the gathered [rows, K, d_in] block small.
         chunk = max(1, (1 << 22) // max(1, idx.shape[1] * W_dec.shape[1]))
-        parts = [torch.einsum("bkd,bd->bk", W_dec[idx[s:s + chunk].long()].to(acc), g[s:s + chunk])
+        parts = [torch.einsum("bkd,bd->bk", W_dec[rows[s:s + chunk]].to(acc), g[s:s + chunk])
                  for s in range(0, idx.shape[0], chunk)]
         dots = torch.cat(parts) if parts else torch.zeros_like(val)
         grad_val = torch.where(mask, dots, torch.zeros((), dtype=acc, device=val.device))

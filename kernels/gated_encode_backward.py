@@ -27,7 +27,7 @@ def gated_encode_backward(x, W_enc, b_dec, b_gate, r_mag, b_mag, idx, f, pi_gate
     acc = f.dtype
     zero = torch.zeros((), dtype=acc, device=x.device)
     valid = slot_mask(idx, counts)
-    i = idx.long()
+    i = torch.where(valid, idx, 0).long()  # padding never indexes (it may hold anything)
     scale = torch.exp(r_mag.to(acc))[i]
     grad_mag = torch.where(valid & (f > 0), grad_f, zero)
     grad_gate = torch.where(valid, grad_pi_gate, zero)

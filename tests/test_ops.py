@@ -55,9 +55,9 @@ def test_capacity_overflow_is_exact(backend):
     x = make_x((40, 24), torch.float32)
     full = ops.gated_encode(x, *p.values(), capacity=300, backend=backend)
     assert full.max_count > 100
-    for cap in (0, 1, 7, full.max_count - 1):
+    for cap in (0, 1, 7, full.max_count - 1, full.max_count):  # ..., one short, exact
         acts = ops.gated_encode(x, *p.values(), capacity=cap, backend=backend)
-        assert acts.capacity == full.max_count  # re-run with the exact capacity
+        assert acts.capacity == full.max_count  # re-run with the exact capacity (or none)
         assert torch.equal(acts.counts, full.counts)
         assert torch.equal(acts.to_dense(), full.to_dense())
     # The raw op reports true counts past the capacity and never writes past it.
@@ -237,11 +237,50 @@ def test_frozen_aux_does_not_train_decoder(backend):
     assert torch.allclose(grads["frozen"], grads["none"], rtol=1e-12, atol=1e-14)
 
 
-def test_cpu_kernels_are_deterministic():
-    if "cpu" not in CPU_BACKENDS:
-        pytest.skip("C++ extension not built")
-    runs = loss_and_grads_twice("cpu", (300, 40, 700))  # crosses the row and feature tiles
+@pytest.mark.parametrize("backend", [b for b in ("cpu", "cuda_emulated") if b in CPU_BACKENDS])
+def test_compiled_kernels_are_deterministic(backend):
+    # crosses the CPU kernel's row and feature tiles, and many CUDA blocks
+    runs = loss_and_grads_twice(backend, (300, 40, 700))
     assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+@pytest.mark.parametrize("backend", SPARSE_BACKENDS)
+def test_loss_never_reads_padding(backend, monkeypatch):
+    """Whatever an executor leaves in the padding slots (NaN, indices out of range), the loss and
+    its gradients are those of clean padding."""
+    from gsae_fast import backends
+    p, W_dec = make_params(13, 300, torch.float64, l0_frac=0.05)  # capacity 40: the sparse path
+    x = make_x((25, 13))
+    real = backends.executor
+
+    def run():
+        t = {k: v.clone().requires_grad_() for k, v in dict(p, W_dec=W_dec).items()}
+        out = ops.gated_sae_loss(x, t["W_enc"], t["W_dec"], t["b_dec"], t["b_gate"], t["r_mag"],
+                                 t["b_mag"], 0.1, sparsity="decoder_norm", aux="shared",
+                                 backend=backend, capacity=40)
+        out.loss.backward()
+        assert out.acts is not None
+        return [out.loss.detach()] + [v.grad for v in t.values()]
+
+    class Dirty:  # the executor with garbage written into every padding slot of the encode
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def gated_encode(self, *args):
+            f, pi, idx, counts, status = self.inner.gated_encode(*args)
+            pad = ~(torch.arange(idx.shape[1]) < counts.unsqueeze(1))
+            assert pad.any()
+            return (f.masked_fill(pad, float("nan")), pi.masked_fill(pad, float("nan")),
+                    idx.masked_fill(pad, 10_000), counts, status)
+
+    clean = run()
+    monkeypatch.setattr(backends, "executor", lambda be: Dirty(real(be)))
+    dirty = run()
+    for a, b in zip(clean, dirty):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("backend", SPARSE_BACKENDS)
