@@ -1,7 +1,8 @@
 """The "cuda" executor (csrc/cuda): built whenever a CUDA toolkit is found (checked here without
 a GPU, so a compile error is a red CI), and, marked ``gpu``, checked against the torch executor
-at odd sizes in every dtype, bitwise determinism of the grouped scatter (real sizes, forward and
-backward, are in tests/test_gpu.py with the Triton executor)."""
+at odd sizes in every dtype (real sizes, forward and backward, and bitwise reproducibility under
+deterministic mode are in tests/test_gpu.py with the Triton executor; the same kernels run on the
+CPU in tests/test_cuda_emulated.py)."""
 import os
 import shutil
 
@@ -54,28 +55,6 @@ def test_gpu_odd_shapes_match_the_torch_executor(dtype, shape, capacity):
     assert x_hat.shape == (B, d_in) and x_hat.dtype == dtype
     if B:
         assert rel_err(x_hat, x_ref) < GPU_TOL[dtype]
-
-
-@pytest.mark.gpu
-def test_gpu_grouped_backward_is_bitwise_reproducible(monkeypatch):
-    monkeypatch.setenv("GSAE_FAST_SCATTER", "grouped")
-    from conftest import loss_and_grads_twice
-    first, second = loss_and_grads_twice("cuda", (1024, 512, 8192), device="cuda")
-    for a, b in zip(first, second):
-        assert torch.equal(a, b)
-
-
-@pytest.mark.gpu
-def test_gpu_deterministic_mode_forces_grouped(monkeypatch):
-    monkeypatch.setenv("GSAE_FAST_SCATTER", "atomic")
-    from conftest import loss_and_grads_twice
-    torch.use_deterministic_algorithms(True)
-    try:
-        first, second = loss_and_grads_twice("cuda", (1024, 512, 8192), device="cuda")
-    finally:
-        torch.use_deterministic_algorithms(False)
-    for a, b in zip(first, second):
-        assert torch.equal(a, b)
 
 
 @pytest.mark.gpu

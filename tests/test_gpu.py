@@ -4,7 +4,7 @@ without a CUDA device)."""
 import pytest
 import torch
 
-from conftest import make_params, make_x, rel_err
+from conftest import loss_and_grads_twice, make_params, make_x, rel_err
 from gsae_fast import ops, reference
 
 GPU_TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
@@ -86,3 +86,24 @@ def test_gpu_loss_and_grads_at_real_sizes(scatter, backend, mode, dtype):
         assert rel_err(getattr(out, field), getattr(ref, field)) < tol, field
     for k in grads:
         assert rel_err(grads[k], ref_grads[k]) < tol * 5, k
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", EXECUTORS)
+@pytest.mark.parametrize("mode", ["grouped", "atomic"])
+@pytest.mark.parametrize("sparsity", ["unit", "decoder_norm"])
+def test_gpu_deterministic_mode_is_bitwise_reproducible(scatter, backend, mode, sparsity):
+    """What a user asks for with torch.use_deterministic_algorithms(True): two runs of the loss
+    and its backward bit for bit equal, whichever scatter was set (the atomic one is overridden)
+    and with decoder-norm sparsity (its per-feature index_add is deterministic only in that
+    mode). cuBLAS needs CUBLAS_WORKSPACE_CONFIG for it (set in conftest.py)."""
+    scatter(backend, mode)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        first, second = loss_and_grads_twice(backend, (1024, 512, 8192), device="cuda",
+                                             sparsity=sparsity)
+    finally:
+        torch.use_deterministic_algorithms(before)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
