@@ -17,8 +17,13 @@ Adam runs with lr=1e-9 so L0 stays where the row says across repeats.
 
     python bench/bench_gpu.py            # full: B=4096, d_in=2304, d_sae=65536, L0 32 and 128,
                                          # fp32 and bf16 -> bench/results/gpu_<device>.{md,json}
+    python bench/bench_gpu.py --quick --dtype bf16   # the headline figures only: the full shape,
+                                         # L0 32, 5 repeats, no peers -> gpu_<device>_quick.*
     python bench/bench_gpu.py --smoke    # tiny shapes, prints only; on CPU it runs the Triton
                                          # interpreter (TRITON_INTERPRET=1), without cuda rows
+--dtype (float32/bfloat16/float16 or fp32/bf16/fp16) and --executor (triton/cuda) are repeatable
+filters. Executors run one after the other, each row written as soon as it is measured; an
+executor that raises is recorded (meta "errors") and the script exits 1 after the others ran.
 """
 from __future__ import annotations
 
@@ -31,7 +36,10 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
 
+# Deterministic-algorithm runs need it; read when cuBLAS starts, so set before torch loads.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 if "--smoke" in sys.argv and not __import__("torch").cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -49,6 +57,8 @@ FULL = (4096, 2304, 65536)
 SMOKE = (64, 32, 256)
 EXECUTORS = ("triton", "cuda")
 SCATTER_MODES = ("grouped", "atomic")
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
 def timeit(fn, repeats, warmup=2):
@@ -228,11 +238,13 @@ def cell(v):
 
 def markdown(rows, meta):
     out = [f"# GPU executors ({', '.join(meta['executors'])}) on {meta['device']}", "",
-           f"{meta['date']}, commit {meta['commit']}, torch {meta['torch']}, triton "
-           f"{meta['triton']}; median of {meta['repeats']} after 2 warm-ups; measured copy "
+           f"{meta['date']}, commit {meta['commit']}, torch {meta['torch']} (CUDA "
+           f"{meta['cuda']}), triton {meta['triton']}; median of {meta['repeats']} after 2 "
+           "warm-ups; measured copy "
            f"bandwidth {meta['copy_gbs']:.0f} GB/s. One row per executor; ratios: *_over_gemm "
            "= time / cuBLAS GEMM of the encoder's shape, *_speedup_vs_* = other / this.", ""]
     out += [f"Not measured: {be} executor ({why})." for be, why in meta["missing"].items()]
+    out += [f"Failed: {case} ({err})." for case, err in meta["errors"].items()]
     for title, cols in SECTIONS:
         out += ["", f"## {title}", "", "B, d_in, d_sae = " + ", ".join(map(str, meta["shape"])),
                 "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -240,72 +252,107 @@ def markdown(rows, meta):
     return "\n".join(out) + "\n"
 
 
+def git_commit():
+    """HEAD's short hash (+ "-dirty" with uncommitted changes to tracked files); without a git
+    checkout (a copied tree) $GSAE_FAST_COMMIT, else "unknown"."""
+    def git(*a):
+        r = subprocess.run(["git", "-C", ROOT, *a], capture_output=True, text=True)
+        return r.stdout.strip() if r.returncode == 0 else None
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        dirty = head and git("status", "--porcelain", "--untracked-files=no")
+    except OSError:  # no git
+        head = dirty = None
+    if head:
+        return head + ("-dirty" if dirty else "")
+    return os.environ.get("GSAE_FAST_COMMIT") or "unknown"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, print only")
+    ap.add_argument("--quick", action="store_true",
+                    help="the full shape at L0 32 only, 5 repeats, no peers")
+    ap.add_argument("--dtype", action="append", choices=sorted(DTYPES),
+                    help="measure only this dtype (repeatable; default float32 and bfloat16)")
+    ap.add_argument("--executor", action="append", choices=EXECUTORS,
+                    help="measure only this executor (repeatable; default every one built)")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--out", default=None, help="results folder (default bench/results)")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    why = {be: backends.why_unavailable(be, torch.device(device)) for be in EXECUTORS}
-    exes = [be for be in EXECUTORS if why[be] is None]
+    wanted = args.executor or EXECUTORS
+    why = {be: backends.why_unavailable(be, torch.device(device)) for be in wanted}
+    exes = [be for be in wanted if why[be] is None]
     if not exes:
         sys.exit(f"bench_gpu: no GPU executor can run on {device}: {why}")
     shape = SMOKE if args.smoke else FULL
-    repeats = args.repeats or (1 if args.smoke else 10)
-    cases = [(dt, l0) for dt in (torch.float32, torch.bfloat16) for l0 in
-             ((8,) if args.smoke else (32, 128))]
-    if args.smoke:
-        cases = cases[:1]
-    commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"],
-                            capture_output=True, text=True).stdout.strip() or "unknown"
+    repeats = args.repeats or (1 if args.smoke else 5 if args.quick else 10)
+    dtypes = list(dict.fromkeys(DTYPES[d] for d in args.dtype or ("float32", "bfloat16")))
+    l0s = (8,) if args.smoke else (32,) if args.quick else (32, 128)
+    cases = [(dt, l0) for dt in dtypes for l0 in l0s][:1 if args.smoke else None]
     try:
         import triton
         triton_version = triton.__version__
     except ImportError:
         triton_version = "not installed"
     copy_gbs = copy_bandwidth_gbs(device, repeats)
-    meta = {"date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "commit": commit,
-            "torch": torch.__version__, "triton": triton_version, "repeats": repeats,
+    meta = {"date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "commit": git_commit(),
+            "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton_version,
+            "repeats": repeats,
             "device": torch.cuda.get_device_name() if device == "cuda" else "CPU (interpreter)",
             "shape": shape, "copy_gbs": copy_gbs, "executors": exes,
-            "missing": {be: r for be, r in why.items() if r is not None}}
+            "missing": {be: r for be, r in why.items() if r is not None}, "errors": {}}
     for be, r in meta["missing"].items():
         print(f"bench_gpu: {be} executor not measured: {r}", file=sys.stderr)
+    stem = None
+    if args.out is not None or not args.smoke:
+        out_dir = args.out or os.path.join(ROOT, "bench", "results")
+        os.makedirs(out_dir, exist_ok=True)
+        slug = re.sub(r"[^a-z0-9]+", "_", meta["device"].lower()).strip("_")
+        stem = os.path.join(out_dir, f"gpu_{slug}" + ("_quick" if args.quick else ""))
     rows = []
+
+    def save():  # after every row: a crash later keeps what was measured
+        if stem is None:
+            return
+        with open(stem + ".md", "w") as f:
+            f.write(markdown(rows, meta))
+        with open(stem + ".json", "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+
     for i, (dtype, l0) in enumerate(cases):
         name = str(dtype).split(".")[1]
         print(f"[{i + 1}/{len(cases)}] {name} L0={l0}: {', '.join(exes)}", file=sys.stderr,
               flush=True)
         x, sae = make_case(shape, dtype, l0, device)
-        shared = {"dtype": name}
-        per = {be: {"executor": be} for be in exes}
-        enc, enc_per, acts = bench_encode(x, sae, exes, repeats)
-        dec, dec_per = bench_decode(acts, sae, exes, repeats, copy_gbs)
-        step, step_per = bench_step(x, sae, exes, repeats, enc["gemm_ms"],
-                                    with_peers=not args.no_peers and not args.smoke)
-        shared.update(**enc, **dec, **step)
-        for be in exes:
-            row = {**shared, **per[be], **enc_per[be], **dec_per[be], **step_per[be]}
+        for be in exes:  # one at a time: an executor that fails leaves the others' rows
+            try:
+                enc, enc_per, acts = bench_encode(x, sae, [be], repeats)
+                dec, dec_per = bench_decode(acts, sae, [be], repeats, copy_gbs)
+                step, step_per = bench_step(x, sae, [be], repeats, enc["gemm_ms"],
+                                            with_peers=not (args.no_peers or args.smoke
+                                                            or args.quick))
+            except Exception as e:  # noqa: BLE001 - recorded, and the exit code says so
+                traceback.print_exc()
+                meta["errors"][f"{name} L0={l0} {be}"] = f"{type(e).__name__}: {e}"
+                save()
+                continue
+            row = {"dtype": name, **enc, **dec, **step, "executor": be, **enc_per[be],
+                   **dec_per[be], **step_per[be]}
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
-        del x, sae, acts
+            save()
+            del acts
+        del x, sae
         if device == "cuda":
             torch.cuda.empty_cache()
-    md = markdown(rows, meta)
-    print(md)
-    if args.smoke and args.out is None:
-        return
-    out_dir = args.out or os.path.join(ROOT, "bench", "results")
-    os.makedirs(out_dir, exist_ok=True)
-    slug = re.sub(r"[^a-z0-9]+", "_", meta["device"].lower()).strip("_")
-    stem = os.path.join(out_dir, f"gpu_{slug}")
-    with open(stem + ".md", "w") as f:
-        f.write(md)
-    with open(stem + ".json", "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    print(f"wrote {stem}.md and {stem}.json", file=sys.stderr)
+    print(markdown(rows, meta))
+    if stem is not None:
+        print(f"wrote {stem}.md and {stem}.json", file=sys.stderr)
+    if meta["errors"]:
+        sys.exit(f"bench_gpu: failed: {meta['errors']}")
 
 
 if __name__ == "__main__":

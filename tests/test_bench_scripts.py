@@ -1,5 +1,6 @@
 """The benchmark scripts run end to end on tiny shapes (their figures are not checked here:
 speed is measured by bench/, never by unit tests)."""
+import json
 import os
 import subprocess
 import sys
@@ -14,10 +15,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.mark.skipif("triton" not in gsae_fast.available_backends(
     "cuda" if torch.cuda.is_available() else "cpu"), reason="triton is not installed")
-def test_bench_gpu_smoke():
-    res = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_gpu.py"), "--smoke"],
+def test_bench_gpu_smoke(tmp_path):
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_gpu.py"), "--smoke",
+                          "--dtype", "fp32", "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
+    # the results record what produced them
+    [name] = [f for f in os.listdir(tmp_path) if f.endswith(".json")]
+    meta = json.loads((tmp_path / name).read_text())["meta"]
+    for key in ("device", "commit", "date", "torch", "triton"):
+        assert meta[key], key
+        assert str(meta[key]) in (tmp_path / name.replace(".json", ".md")).read_text()
     for section in ("Fused encode", "Sparse decode", "Training step"):
         assert section in res.stdout
     assert "| float32 |" in res.stdout
@@ -28,6 +36,40 @@ def test_bench_gpu_smoke():
             assert f"| {be} |" in res.stdout, be
         else:
             assert f"Not measured: {be} executor" in res.stdout, be
+
+
+@pytest.mark.skipif("triton" not in gsae_fast.available_backends(
+    "cuda" if torch.cuda.is_available() else "cpu"), reason="triton is not installed")
+def test_bench_gpu_quick_cases_and_failures(monkeypatch, tmp_path):
+    """--quick --dtype: the full shape at L0 32 in the dtypes asked for; an executor that raises
+    is recorded in the results (written anyway) and the exit code. Nothing is measured: the
+    case builder and the encode are replaced."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import bench_gpu
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    made = []
+
+    def make_case(shape, dtype, l0, device):
+        made.append((shape, dtype, l0))
+        return None, None
+
+    def broken(*args):
+        raise RuntimeError("kernel failed")
+
+    monkeypatch.setattr(bench_gpu, "make_case", make_case)
+    monkeypatch.setattr(bench_gpu, "bench_encode", broken)
+    monkeypatch.setattr(bench_gpu, "copy_bandwidth_gbs", lambda device, repeats: 1.0)
+    monkeypatch.setattr(sys, "argv", ["bench_gpu.py", "--quick", "--dtype", "bf16", "--dtype",
+                                      "float16", "--executor", "triton", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="kernel failed"):
+        bench_gpu.main()
+    assert made == [(bench_gpu.FULL, torch.bfloat16, 32), (bench_gpu.FULL, torch.float16, 32)]
+    [name] = [f for f in os.listdir(tmp_path) if f.endswith("_quick.json")]
+    meta = json.loads((tmp_path / name).read_text())["meta"]
+    assert meta["repeats"] == 5 and meta["executors"] == ["triton"]
+    assert sorted(meta["errors"]) == ["bfloat16 L0=32 triton", "float16 L0=32 triton"]
+    assert "Failed: bfloat16 L0=32 triton (RuntimeError: kernel failed)" in \
+        (tmp_path / name.replace(".json", ".md")).read_text()
 
 
 @pytest.mark.skipif("cpu" not in gsae_fast.available_backends("cpu"),
