@@ -4,7 +4,7 @@ PIP ?= $(PYTHON) -m pip
 # nvcc lives here on the build machines; torch would guess /usr/local.
 export CUDA_HOME ?= $(firstword $(wildcard /usr/local/cuda))
 
-.PHONY: install install-test demo test bench study
+.PHONY: install install-test demo test bench study gpu
 
 # torch: keep the one the machine has (the GPU machine has its own, with no registry access);
 # otherwise take 2.14.1 (on this project's machines it installs from local disk).
@@ -33,6 +33,17 @@ study: install
 
 test: install-test
 	$(PYTHON) -m pytest -q tests
+	# The CUDA kernels again on the CPU emulator, under a second schedule (blocks and threads
+	# shuffled): a race in a kernel shows as a failure in one of the two runs.
+	GSAE_FAST_EMU_SCHEDULE=shuffle:1 $(PYTHON) -m pytest -q -k cuda_emulated tests/test_ops.py \
+		tests/test_module.py tests/test_jumprelu.py tests/test_topk.py tests/test_cuda_emulated.py
 
 bench: install
 	$(PYTHON) bench/bench_step.py
+
+# On a machine with a GPU (no registry needed): builds the CUDA kernels, runs the GPU tests, the
+# sanitizers, a one-GPU torchrun run and the bf16 benchmark in at most ~9 minutes; logs and
+# summary.md in OUT (bench/gpu_check.py; --dry runs the same steps on CPU).
+OUT ?= bench/results/gpu_check_$(shell date +%Y-%m-%d_%H%M)
+gpu:
+	python3 bench/gpu_check.py $(OUT)
