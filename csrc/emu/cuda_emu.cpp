@@ -5,7 +5,7 @@
 //
 // Fibers switch with a few lines of assembly on x86-64 (a swap of the callee-saved registers
 // and the stack pointer: no system call, so millions of switches per test stay cheap) and with
-// ucontext elsewhere.
+// ucontext elsewhere (or with GSAE_EMU_UCONTEXT defined, to test that path on x86-64).
 #include <signal.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -22,7 +22,9 @@
 
 #include "emu/device.h"
 
-#if !defined(__x86_64__)
+#if defined(__x86_64__) && !defined(GSAE_EMU_UCONTEXT)
+#define GSAE_EMU_ASM_SWITCH 1
+#else
 #include <ucontext.h>
 #endif
 
@@ -39,7 +41,7 @@ constexpr int kWarp = 32;
 
 // ------------------------------------------------------------------------------ fibers
 
-#if defined(__x86_64__)
+#if defined(GSAE_EMU_ASM_SWITCH)
 extern "C" void gsae_emu_switch(void** save_sp, void* load_sp);
 extern "C" void gsae_emu_start();
 // gsae_emu_switch saves the callee-saved registers on the current stack, stores the stack
@@ -86,7 +88,7 @@ enum class State : uint8_t { Ready, AtWarp, AtBlock, Done };
 
 struct Fiber {
   char* stack = nullptr;  // lowest usable byte (a guard page lies below)
-#if defined(__x86_64__)
+#if defined(GSAE_EMU_ASM_SWITCH)
   void* sp = nullptr;
 #else
   ucontext_t ctx;
@@ -108,7 +110,7 @@ struct Launch {
   void* ctx = nullptr;
   std::vector<Fiber> fibers;  // one per thread of a block, reused across blocks
   Fiber* current = nullptr;
-#if defined(__x86_64__)
+#if defined(GSAE_EMU_ASM_SWITCH)
   void* scheduler_sp = nullptr;
 #else
   ucontext_t scheduler_ctx;
@@ -143,7 +145,7 @@ void switch_to(Fiber& f) {  // scheduler -> fiber
   Launch& L = *t_launch;
   L.current = &f;
   threadIdx = f.tid;
-#if defined(__x86_64__)
+#if defined(GSAE_EMU_ASM_SWITCH)
   gsae_emu_switch(&L.scheduler_sp, f.sp);
 #else
   swapcontext(&L.scheduler_ctx, &f.ctx);
@@ -154,14 +156,14 @@ void switch_to(Fiber& f) {  // scheduler -> fiber
 void yield_to_scheduler() {  // fiber -> scheduler
   Launch& L = *t_launch;
   Fiber& f = *L.current;
-#if defined(__x86_64__)
+#if defined(GSAE_EMU_ASM_SWITCH)
   gsae_emu_switch(&f.sp, L.scheduler_sp);
 #else
   swapcontext(&f.ctx, &L.scheduler_ctx);
 #endif
 }
 
-#if !defined(__x86_64__)
+#if !defined(GSAE_EMU_ASM_SWITCH)
 void ucontext_entry(unsigned hi, unsigned lo) {
   fiber_main(reinterpret_cast<Fiber*>((static_cast<uintptr_t>(hi) << 32) | lo));
 }
@@ -170,7 +172,7 @@ void ucontext_entry(unsigned hi, unsigned lo) {
 void start_fiber(Fiber& f, char* stack) {
   f.stack = stack;
   f.state = State::Ready;
-#if defined(__x86_64__)
+#if defined(GSAE_EMU_ASM_SWITCH)
   // The frame gsae_emu_switch pops: r15 r14 r13 r12 rbx rbp, then the return address. After the
   // pops the stack pointer is 16-byte aligned at gsae_emu_start, as a call expects.
   auto* top = reinterpret_cast<uintptr_t*>(stack + kStackBytes);
