@@ -39,10 +39,12 @@ struct DeviceGuard {  // CPU tensors: nothing to make current (ops_emu.cpp guard
 };
 cudaStream_t current_stream() { return nullptr; }
 bool on_device(const at::Tensor& t) { return t.is_cpu(); }
+constexpr const char* kTensorKind = "CPU tensor (the emulated CUDA executor)";
 #else
 using DeviceGuard = c10::cuda::CUDAGuard;
 cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream(); }
 bool on_device(const at::Tensor& t) { return t.is_cuda(); }
+constexpr const char* kTensorKind = "CUDA tensor";
 #endif
 
 using gsae_fast_cuda::DType;
@@ -63,13 +65,7 @@ DType dtype_code(at::ScalarType t, const char* op) {
 }
 
 void check_cuda(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(on_device(t), op, ": ", name, " must be a ",
-#if defined(GSAE_FAST_CUDA_EMULATED)
-              "CPU tensor (the emulated CUDA executor)",
-#else
-              "CUDA tensor",
-#endif
-              ", got ", t.device());
+  TORCH_CHECK(on_device(t), op, ": ", name, " must be a ", kTensorKind, ", got ", t.device());
   TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
 }
 
