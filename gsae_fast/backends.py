@@ -39,6 +39,11 @@ else:
 if _ext_error is not None:
     warnings.warn(f"gsae_fast: compiled kernels not available ({_ext_error}); using the "
                   "PyTorch reference executor", RuntimeWarning, stacklevel=2)
+else:
+    from ._build import cuda_build_warning  # a CUDA compile that failed or was skipped at install
+    _cuda_warning = cuda_build_warning()
+    if _cuda_warning is not None:
+        warnings.warn(_cuda_warning, RuntimeWarning, stacklevel=2)
 
 
 def _has_kernel(op: str, key: str) -> bool:
