@@ -12,10 +12,17 @@ Per output tile ``z[BM, BN]`` (fp32/fp64 accumulator, registers):
   them, so the host sees the true count and re-runs with room (no feature is dropped);
 - a NaN/Inf in z sets a status flag.
 
-Tiles of one row finish in any order, so the host sorts each row's slots by feature afterwards:
-the output does not depend on scheduling.
+Tiles of one row finish in any order, so the host sorts each row's slots by feature afterwards
+and zeroes the padding slots: the output does not depend on scheduling, nor on what earlier runs
+(the autotuner's benchmark runs) left in the buffers. The atomics are relaxed (no memory fence):
+no program reads another's counter or flag before the kernel ends.
+
+The autotuner keeps only the tiles whose compiled kernel fits the device's shared memory (the
+compiler's own size, not an estimate); a 64x64 tile fits every sm_80+ GPU in every dtype.
 """
 from __future__ import annotations
+
+import warnings
 
 import torch
 import triton
@@ -24,28 +31,93 @@ import triton.language as tl
 from ._common import INTERPRET, acc_tl, dot_precision, on_device, slot_mask, vec_mat
 
 
-def _configs():
-    if INTERPRET:  # one config: the interpreter cannot benchmark, and small tiles test the tails
-        return [triton.Config(dict(BM=32, BN=32, BK=32, GROUP_M=2), num_warps=4)]
-    # Hopper (H100/H200) and Ampere (A100): 128-row tiles, 64-256 features, K steps of 32-64.
+# The smallest opt-in shared memory per block among the supported GPUs (sm_80 and later): 99 KB
+# on sm_86 / sm_89 (A100: 163 KB, H100/H200: 227 KB).
+MIN_SHARED_OPTIN = 101_376
+# (BM, BN, BK, num_warps, num_stages) of a tile that fits MIN_SHARED_OPTIN in every dtype, fp64
+# included (tests/test_triton.py checks the compiled size for sm_80 and sm_90): whatever the
+# device and dtype, the prune below keeps at least this one.
+PORTABLE_SHAPE = (64, 64, 32, 4, 2)
+
+
+def _gpu_configs():
+    # Hopper (H100/H200) and Ampere (A100): 128-row tiles, 64-256 features, K steps of 32-64;
+    # the portable tile last.
     shapes = [(128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (128, 256, 32, 8, 3),
-              (64, 256, 32, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (256, 128, 64, 8, 3)]
+              (64, 256, 32, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (256, 128, 64, 8, 3),
+              PORTABLE_SHAPE]
     return [triton.Config(dict(BM=m, BN=n, BK=k, GROUP_M=8), num_warps=w, num_stages=s)
             for m, n, k, w, s in shapes]
 
 
+def _configs():
+    if INTERPRET:  # one config: the interpreter cannot benchmark, and small tiles test the tails
+        return [triton.Config(dict(BM=32, BN=32, BK=32, GROUP_M=2), num_warps=4)]
+    return _gpu_configs()
+
+
+def _shared_memory_limit(device) -> int:
+    return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+
+
+def _compiled_shared(config, args, kwargs):
+    """Shared memory (bytes) of the kernel compiled for ``config`` with the call's arguments, for
+    the current device: through the JIT's warmup, so the compiled kernel lands in the JIT's cache
+    and the autotuner's benchmark and the launch reuse it. None if a Triton cache hook took the
+    compilation over; inf if the compiler rejects the configuration for lack of resources."""
+    from triton.compiler.errors import CompileTimeAssertionFailure
+    from triton.runtime.errors import OutOfResources, PTXASError
+    try:
+        kernel = _gated_encode_kernel.fn.warmup(*args, grid=(1,), **kwargs, **config.all_kwargs())
+    except (OutOfResources, CompileTimeAssertionFailure, PTXASError):
+        return float("inf")
+    if kernel is None:
+        return None
+    if hasattr(kernel, "result"):  # a future, under triton's async compile mode
+        kernel = kernel.result()
+    return kernel.metadata.shared
+
+
+def _keep_fitting(configs, sizes, limit):
+    """The configs whose size fits ``limit`` (an unknown size, None, counts as fitting); the
+    smallest one if none fits (its launch then reports the failure)."""
+    fits = [c for c, s in zip(configs, sizes) if s is None or s <= limit]
+    return fits or [min(zip(configs, sizes), key=lambda cs: cs[1])[0]]
+
+
+_prune_cache: dict = {}
+
+
 def _fits_in_shared_memory(configs, named_args, **kwargs):
-    """Drop tiles whose pipelined K slices exceed the device's shared memory (they would only
-    fail at launch): stages x (BM + BN) x BK elements; the smallest tile if none fits."""
+    """Drop the tiles whose compiled kernel needs more shared memory than the device grants a
+    block (they would only fail at launch). The size is the compiler's own (``metadata.shared``:
+    the pipelined K slices plus the epilogue's layout conversions), for the device's target and
+    the call's argument types; the result is cached per device, dtypes, alignment and constexprs.
+    CPU tensors (the interpreter) keep every config."""
     x = named_args["x_ptr"]
     if not x.is_cuda:
         return configs
-    limit = torch.cuda.get_device_properties(x.device).shared_memory_per_block_optin
-
-    def need(c):
-        return c.num_stages * (c.kwargs["BM"] + c.kwargs["BN"]) * c.kwargs["BK"] * x.element_size()
-
-    return [c for c in configs if need(c) <= limit] or [min(configs, key=need)]
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
+    args = list(named_args.values())
+    # what Triton specialises on: dtypes, 16-byte alignment, ints that are 1, 16k or past int32
+    spec = tuple((str(a.dtype), a.data_ptr() % 16 == 0) if hasattr(a, "data_ptr") else
+                 (a % 16 == 0, a == 1, -2 ** 31 <= a < 2 ** 31) if isinstance(a, int) else a
+                 for a in args)
+    key = (str(x.device), spec, tuple(sorted((k, str(v)) for k, v in kwargs.items())),
+           tuple(map(str, configs)))
+    kept = _prune_cache.get(key)
+    if kept is None:
+        try:
+            sizes = [_compiled_shared(c, args, kwargs) for c in configs]
+        except Exception as e:  # noqa: BLE001 - a Triton API this code does not know
+            # Never block the encode on the prune itself: keep every tile (the autotuner scores
+            # a tile that fails for lack of resources as infinitely slow) and say why.
+            warnings.warn(f"gsae_fast: the encode's shared-memory prune could not compile the "
+                          f"configurations ({type(e).__name__}: {e}); autotuning all of them",
+                          RuntimeWarning, stacklevel=2)
+            sizes = [None] * len(configs)
+        kept = _prune_cache[key] = _keep_fitting(configs, sizes, _shared_memory_limit(x.device))
+    return kept
 
 
 # The counters are restored after each autotuning run, so the tuned launch counts from zero.
@@ -101,11 +173,11 @@ def _gated_encode_kernel(x_ptr, w_ptr, c_ptr, b_gate_ptr, r_mag_ptr, b_mag_ptr,
 
     bad = valid & ((z != z) | (tl.abs(z) == float("inf")))
     if tl.max(bad.to(tl.int32)) > 0:
-        tl.atomic_max(status_ptr + 1, 1)
+        tl.atomic_max(status_ptr + 1, 1, sem="relaxed")
 
     active = (valid & (pi_gate > 0)).to(tl.int32)
     n_row = tl.sum(active, axis=1)
-    base = tl.atomic_add(counts_ptr + rm, n_row, mask=m_ok & (n_row > 0))
+    base = tl.atomic_add(counts_ptr + rm, n_row, mask=m_ok & (n_row > 0), sem="relaxed")
     slot = base[:, None] + tl.cumsum(active, axis=1) - active
     keep = (active > 0) & (slot < K)
     out = rm[:, None].to(tl.int64) * K + slot
@@ -137,9 +209,19 @@ def gated_encode(x, W_enc, b_dec, b_gate, r_mag, b_mag, capacity: int):
             B, d_in, d_sae, K, ACC=acc_tl(x.dtype), PRECISION=dot_precision(x.dtype),
             UPCAST=INTERPRET and x.dtype in (torch.bfloat16, torch.float16))
     status[0] = counts.max()
-    if K > 1:  # tiles land in any order: sort each row's slots by feature
-        valid = slot_mask(idx, counts)
-        keys, perm = torch.where(valid, idx, torch.full_like(idx, d_sae)).sort(dim=1)
-        idx = torch.where(valid, keys, torch.zeros_like(keys))
-        f, pi_gate = f.gather(1, perm), pi_gate.gather(1, perm)
+    idx, f, pi_gate = _sort_rows(idx, f, pi_gate, counts, d_sae)
     return f, pi_gate, idx, counts, status
+
+
+def _sort_rows(idx, f, pi_gate, counts, d_sae: int):
+    """Each row's active slots sorted by feature (tiles land in any order), and every padding
+    slot (``slot >= counts[b]``) set to exactly 0 in ``idx``, ``f`` and ``pi_gate``, whatever the
+    buffers held there (the autotuner's benchmark runs write the same buffers)."""
+    if idx.shape[1] == 0:
+        return idx, f, pi_gate
+    valid = slot_mask(idx, counts)  # after the sort too: padding keys (d_sae) sort last
+    if idx.shape[1] > 1:
+        idx, perm = torch.where(valid, idx, torch.full_like(idx, d_sae)).sort(dim=1)
+        f, pi_gate = f.gather(1, perm), pi_gate.gather(1, perm)
+    return (torch.where(valid, idx, 0), torch.where(valid, f, 0.0),
+            torch.where(valid, pi_gate, 0.0))

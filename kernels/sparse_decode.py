@@ -85,7 +85,8 @@ def _scatter_atomic_kernel(grad_ptr, idx_ptr, val_ptr, counts_ptr, out_ptr, K, d
         i = tl.load(idx_ptr + row * K + rs, mask=s_ok, other=0)
         v = tl.load(val_ptr + row * K + rs, mask=s_ok, other=0.0).to(ACC)
         tl.atomic_add(out_ptr + i[:, None].to(tl.int64) * d_in + rd[None, :],
-                      v[:, None] * g[None, :], mask=s_ok[:, None] & d_ok[None, :])
+                      v[:, None] * g[None, :], mask=s_ok[:, None] & d_ok[None, :],
+                      sem="relaxed")
 
 
 def sparse_decode(idx, val, counts, W_dec, bias):
