@@ -33,7 +33,6 @@ import json
 import os
 import re
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -52,6 +51,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gsae_fast  # noqa: E402
 from gsae_fast import SparseActs, backends, ops, reference  # noqa: E402
 from bench_step import make_step, peers  # noqa: E402
+from _provenance import git_commit  # noqa: E402
 
 FULL = (4096, 2304, 65536)
 SMOKE = (64, 32, 256)
@@ -250,22 +250,6 @@ def markdown(rows, meta):
                 "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         out += ["| " + " | ".join(cell(r.get(c)) for c in cols) + " |" for r in rows]
     return "\n".join(out) + "\n"
-
-
-def git_commit():
-    """HEAD's short hash (+ "-dirty" with uncommitted changes to tracked files); without a git
-    checkout (a copied tree) $GSAE_FAST_COMMIT, else "unknown"."""
-    def git(*a):
-        r = subprocess.run(["git", "-C", ROOT, *a], capture_output=True, text=True)
-        return r.stdout.strip() if r.returncode == 0 else None
-    try:
-        head = git("rev-parse", "--short", "HEAD")
-        dirty = head and git("status", "--porcelain", "--untracked-files=no")
-    except OSError:  # no git
-        head = dirty = None
-    if head:
-        return head + ("-dirty" if dirty else "")
-    return os.environ.get("GSAE_FAST_COMMIT") or "unknown"
 
 
 def main():

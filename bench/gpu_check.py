@@ -40,6 +40,9 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _provenance import git_commit  # noqa: E402  (no torch in this process)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
 SELF = os.path.abspath(__file__)
@@ -189,21 +192,6 @@ def bench_headline(rows, meta):
 
 
 # ----------------------------------------------------------------- helpers run as commands
-
-def git_commit():
-    """HEAD (+ "-dirty"); without a git checkout $GSAE_FAST_COMMIT, else "unknown"."""
-    def git(*a):
-        r = subprocess.run(["git", "-C", ROOT, *a], capture_output=True, text=True)
-        return r.stdout.strip() if r.returncode == 0 else None
-    try:
-        head = git("rev-parse", "--short", "HEAD")
-        dirty = head and git("status", "--porcelain", "--untracked-files=no")
-    except OSError:
-        head = dirty = None
-    if head:
-        return head + ("-dirty" if dirty else "")
-    return os.environ.get("GSAE_FAST_COMMIT") or "unknown"
-
 
 def helper(name, arg=None):
     """The small checks the steps run in their own processes (so this one never imports
