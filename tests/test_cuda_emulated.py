@@ -29,7 +29,8 @@ def schedule():
 
 
 def selftest(case, n=0):
-    return torch.ops.gsae_fast_emu.selftest(case, n)
+    """One of the emulator's own cases (csrc/emu/selftest.cpp), input [n] floats (no zeros)."""
+    return torch.ops.gsae_fast_emu.selftest(case, n, torch.arange(max(n, 1)) * 0.37 + 1.0)
 
 
 # ------------------------------------------------------------------------ the emulator's model
@@ -55,7 +56,7 @@ def test_warp_collectives(schedule):
 def test_block_barrier_and_a_race(schedule):
     """A shared-memory tree sum is right under every schedule; without its barriers the result
     depends on the schedule: the race shows."""
-    x = torch.arange(1024, dtype=torch.float32) * 0.37 + 1.0
+    x = torch.arange(1024) * 0.37 + 1.0
     expected = x.view(4, 256).sum(1)
     racy = set()
     for order, seed in SCHEDULES:
@@ -72,12 +73,22 @@ def test_unwritten_memory_is_poisoned():
     assert out[:-1].isfinite().all() and out[-1].isnan()
 
 
+def test_exited_lanes_take_no_part_in_a_vote():
+    # lanes 20..31 exited: a full-mask ballot counts the 20 others, and "all" is over them
+    assert selftest("exited_vote")[:20].eq(20 + 100).all()
+
+
 @pytest.mark.parametrize("case,message", [
     ("shared_out_of_range", r"shared-memory array buf indexed at 64, outside \[0, 64\)"),
     ("diverged", "lanes of a warp diverged: one is at __ballot_sync.*lane 16 at __shfl_down_sync"),
-    ("exited", "waits for lane 0, which has exited"),
+    ("exited", r"__shfl_down_sync reads lane 16, which has exited .* thread \(8,0,0\)"),
     ("deadlock", "deadlock: a thread waits at __shfl_down_sync for lanes that wait at "
                  "__syncthreads"),
+    ("barrier_diverged", r"threads of a block wait at different __syncthreads \(.*selftest.cpp:"),
+    ("barrier_after_exit", "__syncthreads at .*selftest.cpp:.* after 32 threads of the block "
+                           "exited"),
+    ("empty_grid", r"invalid launch configuration of kernel exited_vote_kernel: grid \(0,1,1\)"),
+    ("write_input", "wrote into its input 2"),
 ])
 def test_kernel_faults_are_launch_errors(case, message):
     with pytest.raises(RuntimeError, match=message):
@@ -85,19 +96,62 @@ def test_kernel_faults_are_launch_errors(case, message):
     assert selftest("block_sum", 256).isfinite().all()  # the next launch runs normally
 
 
-def _crash(code: str) -> subprocess.CompletedProcess:
+def _crash(code: str, memory: str = "end") -> subprocess.CompletedProcess:
+    """Runs code in a fresh process that must die; `memory`: where buffers sit in their pages
+    (GSAE_FAST_EMU_MEMORY: against the guard page after them, "end", or before them, "start")."""
     res = subprocess.run([sys.executable, "-c", "import torch, gsae_fast\n" + code],
                          capture_output=True, text=True, timeout=300,
-                         cwd=os.path.dirname(os.path.abspath(__file__)))
+                         cwd=os.path.dirname(os.path.abspath(__file__)),
+                         env=dict(os.environ, GSAE_FAST_EMU_MEMORY=memory,
+                                  PYTHONPATH=os.path.dirname(os.path.dirname(
+                                      os.path.abspath(__file__)))))
     assert res.returncode != 0, res.stdout
     return res
 
 
+SELFTEST = "torch.ops.gsae_fast_emu.selftest('{}', 300, torch.arange(300) * 0.37 + 1.0)"
+
+
 def test_read_past_a_buffer_fails_loudly():
-    res = _crash("torch.ops.gsae_fast_emu.selftest('read_past_end', 300)")
+    res = _crash(SELFTEST.format("read_past_end"))
     assert ("invalid memory access in kernel copy_kernel, block (2,0,0), thread (43,0,0)"
             in res.stderr), res.stderr[-2000:]
     assert "0 bytes past the end of a 1200-byte buffer" in res.stderr
+
+
+def test_write_before_a_buffer_fails_loudly():
+    # buffers end against a guard page: a write just before the start lands in the poisoned
+    # slack of its page, found when the buffer is freed
+    res = _crash(SELFTEST.format("write_before_start"))
+    assert "a write 4 bytes before the start of a 1200-byte buffer" in res.stderr, res.stderr
+    # start-aligned buffers (GSAE_FAST_EMU_MEMORY=start) fault on the access itself
+    res = _crash(SELFTEST.format("write_before_start"), memory="start")
+    assert ("invalid memory access in kernel copy_kernel, block (0,0,0), thread (0,0,0)"
+            in res.stderr and "4 bytes before the start of a 1200-byte buffer" in res.stderr), \
+        res.stderr[-2000:]
+
+
+def test_guarded_memory_stays_inside_emulated_ops():
+    """Emulated ops on two threads at once: every allocation outside them, afterwards and on
+    other threads, is ordinary memory (not poisoned)."""
+    import threading
+    errors = []
+
+    def work():
+        try:
+            for _ in range(20):
+                assert selftest("block_sum", 512).isfinite().all()
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=work) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    fresh = torch.empty(1 << 16, dtype=torch.int32)
+    assert not (fresh == -1).all()  # not the 0xFF poison
 
 
 def test_feature_index_out_of_range_fails_loudly_in_the_cuda_kernels():

@@ -14,6 +14,7 @@
 #include <cinttypes>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <numeric>
 #include <random>
 #include <stdexcept>
@@ -82,7 +83,10 @@ gsae_emu_start:
 #endif
 
 struct Fiber;
+struct Launch;
 void fiber_main(Fiber* f);
+std::string where(const Launch& L, const Fiber* f);
+void record_error(const std::string& what);
 
 enum class State : uint8_t { Ready, AtWarp, AtBlock, Done };
 
@@ -100,6 +104,9 @@ struct Fiber {
   unsigned mask = 0;
   int arg = 0, width = kWarp;
   uint64_t value = 0, result = 0;
+  // The __syncthreads this thread waits at (its call site).
+  const char* barrier_file = "";
+  int barrier_line = 0;
 };
 
 // The state of the launch running on this OS thread.
@@ -119,7 +126,15 @@ struct Launch {
 };
 
 thread_local Launch* t_launch = nullptr;
-thread_local std::vector<char*> t_stacks;  // kept across launches: mmap once per OS thread
+// Fiber stacks, kept across launches (mapped once per OS thread), unmapped when the thread ends.
+struct Stacks {
+  std::vector<char*> v;
+  ~Stacks() {
+    const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+    for (char* s : v) munmap(s - page, kStackBytes + page);
+  }
+};
+thread_local Stacks t_stacks;
 thread_local uint64_t t_block_serial = 0;
 thread_local std::string t_error;          // the sticky error of this OS thread
 thread_local bool t_has_error = false;
@@ -130,15 +145,15 @@ bool g_schedule_read = false;
 FaultDescriber g_describe = nullptr;
 
 char* stack_for(size_t i) {
-  while (t_stacks.size() <= i) {
+  while (t_stacks.v.size() <= i) {
     const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
     void* p = mmap(nullptr, kStackBytes + page, PROT_READ | PROT_WRITE,
                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (p == MAP_FAILED) throw std::runtime_error("gsae_emu: cannot map a fiber stack");
     mprotect(p, page, PROT_NONE);  // overflow faults instead of corrupting the next stack
-    t_stacks.push_back(static_cast<char*>(p) + page);
+    t_stacks.v.push_back(static_cast<char*>(p) + page);
   }
-  return t_stacks[i];
+  return t_stacks.v[i];
 }
 
 void switch_to(Fiber& f) {  // scheduler -> fiber
@@ -196,7 +211,13 @@ void start_fiber(Fiber& f, char* stack) {
 
 void fiber_main(Fiber* f) {
   Launch& L = *t_launch;
-  L.entry(L.ctx);
+  try {  // no exception may unwind past the fiber's first frame (the assembly has no unwind info)
+    L.entry(L.ctx);
+  } catch (const std::exception& e) {
+    record_error(std::string("exception in kernel code: ") + e.what() + ", " + where(L, f));
+  } catch (...) {
+    record_error("exception in kernel code, " + where(L, f));
+  }
   f->state = State::Done;
   yield_to_scheduler();
   std::abort();  // a finished fiber is never resumed
@@ -255,26 +276,18 @@ std::string hex(unsigned v) {
   return h;
 }
 
-// Completes one warp collective: the lanes of `mask` in the warp starting at `lane`. Returns
-// false while a lane of the mask has not arrived; records an error when the lanes disagree (other
-// intrinsic or mask, a lane gone, a lane outside the block).
-bool complete_group(Launch& L, Fiber* lane, size_t lanes, unsigned mask, size_t n) {
+// Completes one warp collective: the lanes of `mask` in the warp starting at `lane`. As in CUDA,
+// lanes of the mask that have exited (or do not exist: a partial last warp) take no part; every
+// other lane of the mask must be at the same intrinsic with the same mask. Returns false while
+// one has not arrived; records an error when they disagree or a shuffle reads an absent lane.
+bool complete_group(Launch& L, Fiber* lane, size_t lanes, unsigned mask) {
   const Fiber* first = nullptr;
-  for (size_t l = 0; l < kWarp; ++l) {
-    if (!((mask >> l) & 1u)) continue;
-    if (l >= lanes) {
-      record_error(std::string("a warp collective's mask ") + hex(mask) + " names lane " +
-                   std::to_string(l) + ", which does not exist in a block of " +
-                   std::to_string(n) + " threads, " + where(L, nullptr));
-      return false;
-    }
+  unsigned present = 0;  // the lanes of the mask taking part
+  for (size_t l = 0; l < lanes; ++l) {
+    if (!((mask >> l) & 1u) || lane[l].state == State::Done) continue;
     const Fiber& b = lane[l];
-    if (b.state == State::Done) {
-      record_error("a warp collective with mask " + hex(mask) + " waits for lane " +
-                   std::to_string(l) + ", which has exited, " + where(L, first));
-      return false;
-    }
-    if (b.state != State::AtWarp) return false;  // at __syncthreads: a deadlock unless it moves
+    if (b.state != State::AtWarp) return false;  // running, or at __syncthreads (a deadlock
+                                                 // unless it moves)
     if (first == nullptr) first = &b;
     if (b.op != first->op || b.mask != first->mask) {
       record_error(std::string("the lanes of a warp diverged: one is at ") + op_name(first->op) +
@@ -282,12 +295,13 @@ bool complete_group(Launch& L, Fiber* lane, size_t lanes, unsigned mask, size_t 
                    op_name(b.op) + " (mask " + hex(b.mask) + "), " + where(L, &b));
       return false;
     }
+    present |= 1u << l;
   }
   unsigned ballot = 0;
   for (size_t l = 0; l < lanes; ++l)
-    if (((mask >> l) & 1u) && lane[l].value != 0) ballot |= 1u << l;
+    if (((present >> l) & 1u) && lane[l].value != 0) ballot |= 1u << l;
   for (size_t l = 0; l < lanes; ++l) {
-    if (!((mask >> l) & 1u)) continue;
+    if (!((present >> l) & 1u)) continue;
     Fiber& b = lane[l];
     const int me = static_cast<int>(l), seg = me / b.width * b.width;  // my width segment
     int src = -1;
@@ -297,20 +311,23 @@ bool complete_group(Launch& L, Fiber* lane, size_t lanes, unsigned mask, size_t 
       case Collective::Shfl: src = seg + (b.arg & (b.width - 1)); break;
       case Collective::Ballot: b.result = ballot; break;
       case Collective::Any: b.result = ballot != 0; break;
-      case Collective::All: b.result = ballot == mask; break;
+      case Collective::All: b.result = ballot == present; break;
       case Collective::SyncWarp: b.result = 0; break;
     }
     if (src >= 0) {
-      if (src >= static_cast<int>(lanes) || !((mask >> src) & 1u)) {
+      if (!((present >> src) & 1u)) {
+        const bool in_mask = (mask >> src) & 1u;
         record_error(std::string(op_name(b.op)) + " reads lane " + std::to_string(src) +
-                     ", which is not in its mask " + hex(mask) + ", " + where(L, &b));
+                     (in_mask ? ", which has exited (or is outside the block)"
+                              : ", which is not in its mask " + hex(mask)) +
+                     ", " + where(L, &b));
         return false;
       }
       b.result = lane[src].value;
     }
   }
   for (size_t l = 0; l < lanes; ++l)
-    if ((mask >> l) & 1u) lane[l].state = State::Ready;
+    if ((present >> l) & 1u) lane[l].state = State::Ready;
   return true;
 }
 
@@ -328,7 +345,7 @@ bool complete_warps(Launch& L, size_t n) {
                      where(L, &lane[l]));
         break;
       }
-      progress |= complete_group(L, lane, lanes, lane[l].mask, n);
+      progress |= complete_group(L, lane, lanes, lane[l].mask);
     }
   }
   return progress;
@@ -361,7 +378,28 @@ void run_block(Launch& L, uint3 bid, uint64_t block_linear) {
     if (done == n) return;
     if (complete_warps(L, n)) continue;
     if (L.failed) return;
-    if (done + at_block == n) {  // every live thread is at __syncthreads: release them
+    if (done + at_block == n) {  // every live thread is at a __syncthreads
+      // CUDA wants the whole block at one barrier: one call site, and no thread gone before it
+      // (a barrier in divergent code is undefined; compute-sanitizer's synccheck reports it).
+      const Fiber* a = nullptr;
+      for (const Fiber& f : L.fibers) {
+        if (f.state != State::AtBlock) continue;
+        if (a == nullptr) a = &f;
+        if (f.barrier_line != a->barrier_line || std::strcmp(f.barrier_file, a->barrier_file)) {
+          record_error(std::string("threads of a block wait at different __syncthreads (") +
+                       a->barrier_file + ":" + std::to_string(a->barrier_line) + " and " +
+                       f.barrier_file + ":" + std::to_string(f.barrier_line) + "), " +
+                       where(L, &f));
+          return;
+        }
+      }
+      if (done > 0) {
+        record_error("__syncthreads at " + std::string(a->barrier_file) + ":" +
+                     std::to_string(a->barrier_line) + " after " + std::to_string(done) +
+                     " threads of the block exited (a barrier in divergent code), " +
+                     where(L, a));
+        return;
+      }
       for (Fiber& f : L.fibers)
         if (f.state == State::AtBlock) f.state = State::Ready;
       continue;
@@ -391,13 +429,14 @@ void on_segv(int sig, siginfo_t* info, void* uctx) {
   Launch* L = t_launch;
   if (L == nullptr) {  // not emulated kernel code: whoever handled it before
     sigaction(SIGSEGV, &g_previous_segv, nullptr);
+    g_handler_installed = false;
     return;  // the fault repeats under the previous handler
   }
   char what[256] = "an address outside every buffer the executor allocated";
   const char* addr = static_cast<const char*>(info->si_addr);
   bool known = g_describe != nullptr && g_describe(addr, what, sizeof(what));
   if (!known)
-    for (char* s : t_stacks)
+    for (char* s : t_stacks.v)
       if (addr >= s - 4096 && addr < s) {
         std::snprintf(what, sizeof(what), "the guard page below an emulated thread's stack "
                       "(stack overflow: %zu bytes per thread)", kStackBytes);
@@ -453,8 +492,11 @@ uint64_t warp_collective(Collective op, unsigned mask, uint64_t value, int arg, 
   return f.result;
 }
 
-void sync_threads() {
-  t_launch->current->state = State::AtBlock;
+void sync_threads(const char* file, int line) {
+  Fiber& f = *t_launch->current;
+  f.state = State::AtBlock;
+  f.barrier_file = file;
+  f.barrier_line = line;
   yield_to_scheduler();
 }
 
@@ -479,9 +521,16 @@ void launch(const char* name, dim3 grid, dim3 block, size_t shared_bytes, Entry 
   (void)shared_bytes;  // dynamic shared memory is not used by the kernels
   if (t_launch != nullptr) throw std::logic_error("gsae_emu: a launch inside a kernel");
   const uint64_t threads = uint64_t(block.x) * block.y * block.z;
-  if (threads == 0 || threads > 1024 || block.z > 64 || grid.y > 65535 || grid.z > 65535) {
-    t_error = std::string("emulated CUDA: invalid launch configuration of kernel ") + name;
-    t_has_error = true;
+  if (threads == 0 || threads > 1024 || block.z > 64 || grid.x == 0 || grid.y == 0 ||
+      grid.z == 0 || grid.x > 0x7fffffffu || grid.y > 65535 || grid.z > 65535) {
+    if (!t_has_error) {  // cudaErrorInvalidConfiguration
+      char buf[256];
+      std::snprintf(buf, sizeof(buf), "invalid launch configuration of kernel %s: grid "
+                    "(%u,%u,%u), block (%u,%u,%u)", name, grid.x, grid.y, grid.z, block.x,
+                    block.y, block.z);
+      t_error = std::string("emulated CUDA: ") + buf;
+      t_has_error = true;
+    }
     return;
   }
   Order order;
@@ -495,6 +544,9 @@ void launch(const char* name, dim3 grid, dim3 block, size_t shared_bytes, Entry 
   L.entry = entry;
   L.ctx = ctx;
   t_launch = &L;
+  struct Reset {  // whatever way the launch ends
+    ~Reset() { t_launch = nullptr; }
+  } reset;
   gridDim = grid;
   blockDim = block;
   const uint64_t n_blocks = uint64_t(grid.x) * grid.y * grid.z;
@@ -506,7 +558,6 @@ void launch(const char* name, dim3 grid, dim3 block, size_t shared_bytes, Entry 
     run_block(L, bid, b);
     if (L.failed) break;
   }
-  t_launch = nullptr;
 }
 
 void set_schedule(Order order, uint64_t seed) {

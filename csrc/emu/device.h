@@ -5,12 +5,16 @@
 // every CUDA thread of a block is a fiber with its own stack. A fiber runs until it reaches a
 // scheduling point (a warp collective, __syncwarp, __syncthreads) or ends; the scheduler then
 // completes each warp collective whose lanes have all arrived (lanes of a warp are in lockstep
-// at every intrinsic, as the _sync intrinsics require) and releases __syncthreads once every
-// live thread of the block is there. Between scheduling points a thread runs alone, so atomics
-// are plain read-modify-writes. Lanes that diverge at a collective (other intrinsic, other mask,
-// exited) and threads that can never meet again (deadlock) are reported as launch errors.
+// at every intrinsic, as the _sync intrinsics require; lanes of the mask that exited take no
+// part, as in CUDA) and releases a __syncthreads once every thread of the block is at it.
+// Between scheduling points a thread runs alone, so atomics are plain read-modify-writes.
+// Reported as launch errors: lanes at different collectives or masks, a shuffle that reads an
+// exited lane, threads at different __syncthreads or a __syncthreads after some threads exited,
+// threads that can never meet again (deadlock), an exception thrown by kernel code.
 // The order of blocks and threads follows the schedule (emu/runtime.h): run a deterministic
-// kernel under two orders and compare bitwise to find races.
+// kernel under two orders and compare bitwise to find a missing barrier. Not found this way: two
+// threads updating one global location with a plain read-modify-write where an atomic is needed
+// (each runs its update alone, so it always comes out right here).
 #pragma once
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -61,7 +65,7 @@ enum class Collective : uint8_t { ShflDown, ShflXor, Shfl, Ballot, Any, All, Syn
 
 // A warp collective: this lane's `value` in, its result out, once every lane of `mask` is here.
 uint64_t warp_collective(Collective op, unsigned mask, uint64_t value, int arg, int width);
-void sync_threads();
+void sync_threads(const char* file, int line);
 // Ends the launch with an error (the host sees it from cudaGetLastError).
 [[noreturn]] void fail(const char* what);
 // Bumped at every block: shared arrays re-poison themselves on their first use in a block.
@@ -142,7 +146,10 @@ inline int __all_sync(unsigned mask, int pred) {
 inline void __syncwarp(unsigned mask = 0xffffffffu) {
   gsae_emu::warp_collective(gsae_emu::Collective::SyncWarp, mask, 0, 0, 32);
 }
-inline void __syncthreads() { gsae_emu::sync_threads(); }
+// The call site goes with it: threads of a block at two different barriers are an error.
+inline void __syncthreads(const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  gsae_emu::sync_threads(file, line);
+}
 
 // Atomics: a thread runs alone between scheduling points, so a plain read-modify-write is atomic.
 template <typename T> T atomicAdd(T* p, T v) {

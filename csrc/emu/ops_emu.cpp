@@ -5,7 +5,6 @@
 #define GSAE_FAST_CUDA_EMULATED 1
 #include "cuda/ops_cuda.cpp"
 
-#include <optional>
 #include <string>
 
 #include "emu/guarded_memory.h"
@@ -14,21 +13,6 @@
 
 namespace gsae_fast {
 namespace {
-
-template <typename T> const T& guard(const T& v) { return v; }
-at::Tensor guard(const at::Tensor& t) { return emu_memory::guarded_copy(t); }
-std::optional<at::Tensor> guard(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? std::optional<at::Tensor>(emu_memory::guarded_copy(*t)) : t;
-}
-
-// F with its tensor arguments copied into guarded memory and a guarded-memory scope around it.
-template <auto F> struct Guarded;
-template <typename R, typename... A, R (*F)(A...)> struct Guarded<F> {
-  static R call(A... args) {
-    emu_memory::GuardedMemoryScope scope;
-    return F(guard(args)...);
-  }
-};
 
 void set_schedule(std::string order, int64_t seed) {
   gsae_emu::Order o;
@@ -51,8 +35,8 @@ TORCH_LIBRARY(gsae_fast_emu, m) {
 
 TORCH_LIBRARY_IMPL(gsae_fast_emu, CPU, m) {
   using namespace gsae_fast;
-  m.impl("gated_encode", &Guarded<&gated_encode_cuda>::call);
-  m.impl("gated_encode_backward", &Guarded<&gated_encode_backward_cuda>::call);
-  m.impl("sparse_decode", &Guarded<&sparse_decode_cuda>::call);
-  m.impl("sparse_decode_backward", &Guarded<&sparse_decode_backward_cuda>::call);
+  m.impl("gated_encode", &emu_memory::Guarded<&gated_encode_cuda>::call);
+  m.impl("gated_encode_backward", &emu_memory::Guarded<&gated_encode_backward_cuda>::call);
+  m.impl("sparse_decode", &emu_memory::Guarded<&sparse_decode_cuda>::call);
+  m.impl("sparse_decode_backward", &emu_memory::Guarded<&sparse_decode_backward_cuda>::call);
 }

@@ -1,6 +1,7 @@
 // Small CUDA-style kernels that exercise the emulator itself (tests/test_cuda_emulated.py): warp
 // collectives, block barriers and shared memory, and the faults it must report. Op
-// gsae_fast_emu::selftest(case, n) runs one case in a guarded-memory scope and returns its output.
+// gsae_fast_emu::selftest(case, n, input) runs one case as the emulated executor's ops run
+// (guarded memory, a guarded copy of `input`, inputs checked unchanged) and returns its output.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -59,8 +60,9 @@ __global__ void shared_read_kernel(float* out, int index) {
   out[threadIdx.x] = buf[index];
 }
 
-// Lanes of one warp at different intrinsics; lanes gone before a full-mask shuffle; half a warp
-// at __syncthreads while the other half waits for it in a shuffle.
+// Lanes of one warp at different intrinsics; a shuffle that reads a lane that has exited; half
+// a warp at __syncthreads while the other half waits for it in a shuffle; a vote whose mask
+// names exited lanes (allowed: they take no part).
 __global__ void diverged_kernel(float* out) {
   float v = static_cast<float>(threadIdx.x);
   if (threadIdx.x < 16) v = static_cast<float>(__ballot_sync(kFull, 1));
@@ -68,26 +70,49 @@ __global__ void diverged_kernel(float* out) {
   out[threadIdx.x] = v;
 }
 __global__ void exited_kernel(float* out) {
-  if (threadIdx.x < 16) return;
-  out[threadIdx.x] = __shfl_down_sync(kFull, 1.0f, 1);
+  if (threadIdx.x >= 16) return;
+  out[threadIdx.x] = __shfl_down_sync(kFull, 1.0f, 8);  // lanes 8..15 read lanes 16..23
+}
+__global__ void exited_vote_kernel(float* out) {
+  if (threadIdx.x >= 20) return;
+  const unsigned ballot = __ballot_sync(kFull, 1);
+  out[threadIdx.x] = static_cast<float>(__popc(ballot) + 100 * __all_sync(kFull, 1));
+}
+// Two __syncthreads in the two branches of one if; a __syncthreads after half the block left.
+__global__ void barrier_diverged_kernel(float* out) {
+  if (threadIdx.x < 32) {
+    __syncthreads();
+  } else {
+    __syncthreads();
+  }
+  out[threadIdx.x] = 1.0f;
+}
+__global__ void barrier_after_exit_kernel(float* out) {
+  if (threadIdx.x >= 32) return;
+  __syncthreads();
+  out[threadIdx.x] = 1.0f;
 }
 __global__ void deadlock_kernel(float* out) {
   if (threadIdx.x < 16) __syncthreads();
   else out[threadIdx.x] = __shfl_down_sync(kFull, 1.0f, 1);
 }
 
-// Writes every element but the last (left as the guarded allocation's poison), or reads one
-// element past the end of its input.
-__global__ void copy_kernel(const float* in, float* out, int n, int read_past) {
+// Writes every element but the last (left as the guarded allocation's poison); or reads one
+// element past the end of its input (fault = 1), or writes one before the start of its output
+// (fault = 2).
+__global__ void copy_kernel(const float* in, float* out, int n, int fault) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i < n - 1) out[i] = in[i];
-  if (read_past && i == n - 1) out[i] = in[n];
+  if (fault == 1 && i == n - 1) out[i] = in[n];
+  if (fault == 2 && i == 0) out[-1] = in[0];
 }
+// Writes into what should be read-only.
+__global__ void scribble_kernel(float* p) { p[threadIdx.x] = -5.0f; }
 
-at::Tensor run_case(const std::string& which, int64_t n) {
-  gsae_fast::emu_memory::GuardedMemoryScope scope;
+at::Tensor run_case(std::string which, int64_t n, const at::Tensor& in) {
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
-  const auto in = at::arange(n, f32) * 0.37 + 1.0;  // no zeros
+  TORCH_CHECK(in.scalar_type() == at::kFloat && in.is_contiguous() && in.numel() >= n,
+              "selftest: input must be contiguous float32 with at least n elements");
   at::Tensor out;
   if (which == "warp") {
     out = at::empty({64 * 6}, f32);
@@ -102,16 +127,31 @@ at::Tensor run_case(const std::string& which, int64_t n) {
     out = at::empty({32}, f32);
     launch_kernel("shared_read_kernel", &shared_read_kernel, dim3(1), dim3(32), 0, nullptr,
                   out.data_ptr<float>(), which == "shared_unwritten" ? 40 : 64);
-  } else if (which == "diverged" || which == "exited" || which == "deadlock") {
+  } else if (which == "diverged" || which == "exited" || which == "deadlock" ||
+             which == "exited_vote") {
     out = at::zeros({32}, f32);
     auto k = which == "diverged" ? &diverged_kernel
-             : which == "exited" ? &exited_kernel : &deadlock_kernel;
+             : which == "exited" ? &exited_kernel
+             : which == "exited_vote" ? &exited_vote_kernel : &deadlock_kernel;
     launch_kernel(which.c_str(), k, dim3(1), dim3(32), 0, nullptr, out.data_ptr<float>());
-  } else if (which == "unwritten" || which == "read_past_end") {
+  } else if (which == "barrier_diverged" || which == "barrier_after_exit") {
+    out = at::zeros({64}, f32);
+    auto k = which == "barrier_diverged" ? &barrier_diverged_kernel : &barrier_after_exit_kernel;
+    launch_kernel(which.c_str(), k, dim3(1), dim3(64), 0, nullptr, out.data_ptr<float>());
+  } else if (which == "empty_grid") {
+    out = at::zeros({32}, f32);
+    launch_kernel("exited_vote_kernel", &exited_vote_kernel, dim3(0), dim3(32), 0, nullptr,
+                  out.data_ptr<float>());
+  } else if (which == "unwritten" || which == "read_past_end" || which == "write_before_start") {
     out = at::empty({n}, f32);
     launch_kernel("copy_kernel", &copy_kernel, dim3((n + 127) / 128), dim3(128), 0, nullptr,
                   static_cast<const float*>(in.data_ptr<float>()), out.data_ptr<float>(),
-                  static_cast<int>(n), which == "read_past_end" ? 1 : 0);
+                  static_cast<int>(n), which == "read_past_end" ? 1
+                                       : which == "write_before_start" ? 2 : 0);
+  } else if (which == "write_input") {
+    out = at::zeros({1}, f32);
+    launch_kernel("scribble_kernel", &scribble_kernel, dim3(1), dim3(1), 0, nullptr,
+                  const_cast<float*>(in.data_ptr<float>()));
   } else {
     TORCH_CHECK(false, "selftest: unknown case '", which, "'");
   }
@@ -125,5 +165,9 @@ at::Tensor run_case(const std::string& which, int64_t n) {
 }  // namespace gsae_fast_cuda
 
 TORCH_LIBRARY_FRAGMENT(gsae_fast_emu, m) {
-  m.def("selftest(str case, int n) -> Tensor", &gsae_fast_cuda::run_case);
+  m.def("selftest(str case, int n, Tensor input) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(gsae_fast_emu, CPU, m) {
+  m.impl("selftest", &gsae_fast::emu_memory::Guarded<&gsae_fast_cuda::run_case>::call);
 }
