@@ -21,6 +21,12 @@ Adam runs with lr=1e-9 so L0 stays where the row says across repeats.
                                          # L0 32, 5 repeats, no peers -> gpu_<device>_quick.*
     python bench/bench_gpu.py --smoke    # tiny shapes, prints only; on CPU it runs the Triton
                                          # interpreter (TRITON_INTERPRET=1), without cuda rows
+    python bench/bench_gpu.py --sweep --dtype bf16   # the dense switch: the sparse and the dense
+                                         # step at L0 128 .. 8192, the measured crossing next to
+                                         # the model's (gsae_fast.dense_switch.dense_switch_model)
+                                         # -> gpu_<device>_sweep.*; with --smoke: L0 4 .. 64
+On a GPU every row also gets its floor from the traffic model (bench/traffic.py: max(bytes /
+measured copy bandwidth, flops / the device's achievable FLOP/s), per op) and time / floor.
 --dtype (float32/bfloat16/float16 or fp32/bf16/fp16) and --executor (triton/cuda) are repeatable
 filters. Executors run one after the other, each row written as soon as it is measured; an
 executor that raises is recorded (meta "errors") and the script exits 1 after the others ran.
@@ -30,6 +36,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import re
 import statistics
@@ -49,12 +56,15 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import gsae_fast  # noqa: E402
-from gsae_fast import SparseActs, backends, ops, reference  # noqa: E402
+from gsae_fast import SparseActs, backends, dense_switch, ops, reference  # noqa: E402
 from bench_step import make_step, peers  # noqa: E402
 from _provenance import git_commit  # noqa: E402
+import traffic  # noqa: E402
 
 FULL = (4096, 2304, 65536)
 SMOKE = (64, 32, 256)
+SWEEP_L0S = (128, 256, 512, 1024, 2048, 4096, 8192)
+SMOKE_SWEEP_L0S = (4, 16, 64)
 EXECUTORS = ("triton", "cuda")
 SCATTER_MODES = ("grouped", "atomic")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -214,17 +224,118 @@ def bench_step(x, sae, exes, repeats, gemm_ms, with_peers, l1=1e-3):
     return shared, per
 
 
+def add_floors(row, shape, dtype, device, copy_gbs):
+    """On a GPU: each measured time over its floor from the traffic model (bench/traffic.py) at
+    the row's L0, the device's achievable FLOP/s and the measured copy bandwidth."""
+    if device != "cuda":
+        return row
+    roof = dense_switch.device_roofline(torch.cuda.get_device_name())
+    floors = traffic.floors_ms(shape, row["l0"], dtype, roof, bandwidth=copy_gbs * 1e9)
+    row.update(floors)
+    for name, measured in (("encode", "encode_op_ms"), ("decode", "decode_fwd_bwd_grouped_ms"),
+                           ("step", "step_ms")):
+        if row.get(measured) is not None:
+            row[f"{name}_over_floor"] = row[measured] / floors[f"{name}_floor_ms"]
+    return row
+
+
+def crossing(points):
+    """The L0 where the dense step becomes faster than the sparse one: log-linear interpolation
+    of log(sparse / dense) between the two sweep points around its sign change (None if none)."""
+    ratio = [(l0, math.log(sp / de)) for l0, sp, de in points if sp > 0 and de > 0]
+    for (l0a, ra), (l0b, rb) in zip(ratio, ratio[1:]):
+        if ra < 0 <= rb:
+            t = -ra / (rb - ra)
+            return math.exp(math.log(l0a) + t * (math.log(l0b) - math.log(l0a)))
+    if ratio and ratio[0][1] >= 0:
+        return float(ratio[0][0])  # dense already wins at the lowest L0: at most that
+    return None
+
+
+def sweep(shape, dtype, be, l0s, repeats, device, l1=1e-3):
+    """The sparse and the dense training step of executor ``be`` at each L0 (the switch forced
+    either way with dense_switch.set_dense_switch); rows and the measured / modelled crossing."""
+    rows = []
+    dev_type = torch.device(device).type
+    for l0 in l0s:
+        x, sae = make_case(shape, dtype, l0, device)
+        m = gsae_fast.GatedSAE(sae.d_in, sae.d_sae, backend=be, device=x.device, dtype=x.dtype)
+        m.load_state_dict(sae.state_dict())
+        step = make_step(m, lambda: m.loss(x, l1).loss,
+                         torch.optim.Adam(m.parameters(), lr=1e-9, fused=True))
+        row = {"executor": be, "target_l0": l0}
+        for path, fraction in (("sparse", 1.0), ("dense", 0.0)):
+            dense_switch.set_dense_switch(fraction, dev_type)
+            try:  # timeit's warm-ups set the capacity hint before the timed calls
+                row[f"{path}_step_ms"] = timeit(step, repeats)
+            finally:
+                dense_switch.set_dense_switch(None, dev_type)
+        with torch.no_grad():
+            out = m.loss(x, l1)
+        row.update(l0=round(out.l0.item(), 1), capacity=m._capacity,
+                   sparse_over_dense=row["sparse_step_ms"] / row["dense_step_ms"])
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+        del x, sae, m
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    l0_star = crossing([(r["l0"], r["sparse_step_ms"], r["dense_step_ms"]) for r in rows])
+    d_sae = shape[2]
+    first = rows[0]["sparse_step_ms"] >= rows[0]["dense_step_ms"] if rows else False
+    result = {"measured_l0": l0_star, "dense_wins_everywhere": first,
+              "measured_fraction": None if l0_star is None
+              else l0_star * dense_switch.CAPACITY_OVER_L0 / d_sae,
+              "default_fraction": dense_switch.default_dense_switch(device, dtype)}
+    if device == "cuda":
+        model = dense_switch.dense_switch_model(dense_switch.device_roofline(torch.cuda.get_device_name()), dtype,
+                                       d_in=shape[1])
+        result.update(model_l0=model["l0_fraction"] * d_sae, model_fraction=model["fraction"])
+    return rows, result
+
+
+SWEEP_COLS = ["executor", "target_l0", "l0", "capacity", "sparse_step_ms", "dense_step_ms",
+              "sparse_over_dense"]
+
+
+def sweep_markdown(rows, results, meta, dtype_name):
+    out = [f"# Dense switch sweep on {meta['device']}", "",
+           f"{meta['date']}, commit {meta['commit']}, torch {meta['torch']}, triton "
+           f"{meta['triton']}; {dtype_name}; B, d_in, d_sae = "
+           + ", ".join(map(str, meta["shape"])) + f"; median of {meta['repeats']}. The "
+           "training step (zero_grad + loss + backward + fused Adam) forced sparse and forced "
+           "dense (dense_switch.set_dense_switch); crossing = where dense becomes faster (log-linear "
+           "interpolation), as mean L0 and as the capacity switch (L0 * "
+           f"{dense_switch.CAPACITY_OVER_L0:.3f} / d_sae).", "",
+           "| " + " | ".join(SWEEP_COLS) + " |", "|" + "---|" * len(SWEEP_COLS)]
+    out += ["| " + " | ".join(cell(r.get(c)) for c in SWEEP_COLS) + " |" for r in rows]
+    out.append("")
+    for be, res in results.items():
+        def num(v, fmt):
+            return "none in the sweep" if v is None else format(v, fmt)
+        at = "<= " if res.get("dense_wins_everywhere") else ""
+        line = (f"{be}: measured crossing L0 = {at}{num(res['measured_l0'], '.0f')} (switch "
+                f"fraction {num(res['measured_fraction'], '.4f')})")
+        if "model_l0" in res:
+            line += (f"; model L0 = {res['model_l0']:.0f} (fraction "
+                     f"{res['model_fraction']:.4f})")
+        line += f"; default fraction in use {res['default_fraction']:.4f}."
+        out.append(line)
+    return "\n".join(out) + "\n"
+
+
 SECTIONS = [
     ("Fused encode vs one cuBLAS GEMM of the same shape (goal: op / gemm <= 1.15)",
      ["dtype", "l0", "executor", "capacity", "gemm_ms", "encode_op_ms", "encode_kernel_ms",
-      "encode_op_over_gemm", "reference_encode_ms", "encode_speedup_vs_reference",
-      "encode_mem_mb", "reference_encode_mem_mb"]),
+      "encode_op_over_gemm", "encode_floor_ms", "encode_over_floor", "reference_encode_ms",
+      "encode_speedup_vs_reference", "encode_mem_mb", "reference_encode_mem_mb"]),
     ("Sparse decode (goal: forward >= 70% of copy bandwidth)",
      ["dtype", "l0", "executor", "decode_fwd_ms", "decode_fwd_gbs", "decode_fwd_of_copy_bw",
-      "decode_fwd_bwd_grouped_ms", "decode_fwd_bwd_atomic_ms", "dense_decode_fwd_bwd_ms",
+      "decode_fwd_bwd_grouped_ms", "decode_fwd_bwd_atomic_ms", "decode_floor_ms",
+      "decode_over_floor", "dense_decode_fwd_bwd_ms",
       "decode_speedup_vs_dense"]),
     ("Training step (goal: >= 4x faster than the reference)",
-     ["dtype", "l0", "executor", "step_ms", "gemm_ms", "step_over_gemm", "step_reference_ms",
+     ["dtype", "l0", "executor", "step_ms", "gemm_ms", "step_over_gemm", "step_floor_ms",
+      "step_over_floor", "step_reference_ms",
       "step_speedup_vs_reference", "step_sae_lens_ms", "step_mem_mb", "step_reference_mem_mb",
       "step_sae_lens_mem_mb"]),
 ]
@@ -263,6 +374,11 @@ def main():
                     help="measure only this executor (repeatable; default every one built)")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--sweep", action="store_true",
+                    help="the dense switch: sparse vs dense step at L0 128 .. 8192 (--smoke: "
+                         "4 .. 64), measured crossing next to the model's")
+    ap.add_argument("--l0", type=int, action="append",
+                    help="with --sweep: measure at this L0 (repeatable) instead")
     ap.add_argument("--out", default=None, help="results folder (default bench/results)")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -295,8 +411,11 @@ def main():
         out_dir = args.out or os.path.join(ROOT, "bench", "results")
         os.makedirs(out_dir, exist_ok=True)
         slug = re.sub(r"[^a-z0-9]+", "_", meta["device"].lower()).strip("_")
-        stem = os.path.join(out_dir, f"gpu_{slug}" + ("_quick" if args.quick else ""))
+        stem = os.path.join(out_dir, f"gpu_{slug}" + ("_sweep" if args.sweep else
+                                                      "_quick" if args.quick else ""))
     rows = []
+    if args.sweep:
+        return run_sweep(args, shape, dtypes, exes, repeats, device, meta, stem)
 
     def save():  # after every row: a crash later keeps what was measured
         if stem is None:
@@ -325,6 +444,7 @@ def main():
                 continue
             row = {"dtype": name, **enc, **dec, **step, "executor": be, **enc_per[be],
                    **dec_per[be], **step_per[be]}
+            add_floors(row, shape, dtype, device, copy_gbs)
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
             save()
@@ -337,6 +457,35 @@ def main():
         print(f"wrote {stem}.md and {stem}.json", file=sys.stderr)
     if meta["errors"]:
         sys.exit(f"bench_gpu: failed: {meta['errors']}")
+
+
+def run_sweep(args, shape, dtypes, exes, repeats, device, meta, stem):
+    l0s = tuple(args.l0 or (SMOKE_SWEEP_L0S if args.smoke else SWEEP_L0S))
+    errors = meta["errors"]
+    for dtype in dtypes:
+        name = str(dtype).split(".")[1]
+        rows, results = [], {}
+        for be in exes:
+            print(f"sweep {name} {be}: L0 {', '.join(map(str, l0s))}", file=sys.stderr,
+                  flush=True)
+            try:
+                r, results[be] = sweep(shape, dtype, be, l0s, repeats, device)
+            except Exception as e:  # noqa: BLE001 - recorded, and the exit code says so
+                traceback.print_exc()
+                errors[f"sweep {name} {be}"] = f"{type(e).__name__}: {e}"
+                continue
+            rows += r
+        text = sweep_markdown(rows, results, meta, name)
+        print(text)
+        if stem is not None:
+            path = stem + ("" if len(dtypes) == 1 else f"_{name}")
+            with open(path + ".md", "w") as f:
+                f.write(text)
+            with open(path + ".json", "w") as f:
+                json.dump({"meta": meta, "rows": rows, "results": results}, f, indent=1)
+            print(f"wrote {path}.md and {path}.json", file=sys.stderr)
+    if errors:
+        sys.exit(f"bench_gpu: failed: {errors}")
 
 
 if __name__ == "__main__":

@@ -123,7 +123,8 @@ def jumprelu_sae_loss(x: Tensor, W_enc: Tensor, W_dec: Tensor, b_dec: Tensor, b_
     threshold = threshold.to(b_enc.dtype)  # SAELens casts its fp32 threshold to the compute dtype
     x2 = x.reshape(-1, x.shape[-1])
     band = bandwidth / 2
-    dense = backend == "reference" or ops.dense_is_faster(capacity, W_enc.shape[1])
+    dense = backend == "reference" or ops.dense_is_faster(capacity, W_enc.shape[1], x.device,
+                                                             W_enc.dtype)
     W_dec_norm = W_dec.norm(dim=1)
     pre_act = x2.new_zeros(())
     if pre_act_loss_coefficient is not None and dead_neuron_mask is not None and \

@@ -27,16 +27,11 @@ from .types import GatedLoss, SparseActs, acc_dtype
 
 # Capacity (slots per row) tried when the caller has no better guess.
 DEFAULT_CAPACITY = 256
-# The loss goes dense when the capacity (the expected largest row count, ~1.25x the last one)
-# exceeds this fraction of d_sae. From bench/results/step_cpu.md (bench/NOTES.md, "dense
-# switch"): at mean L0 = d_sae / 8 (largest row 0.147 d_sae, capacity 0.185 d_sae) the sparse
-# step (777 ms) and the dense one (797 ms) cost the same on 2 CPU cores; above, dense wins.
-DENSE_SWITCH_FRACTION = 0.2
 
-
-def dense_is_faster(capacity: Optional[int], d_sae: int) -> bool:
-    """The loss switch: a capacity (expected largest row) above DENSE_SWITCH_FRACTION * d_sae."""
-    return capacity is not None and capacity > DENSE_SWITCH_FRACTION * d_sae
+# The dense switch (which capacity sends the loss to the dense math, per device): its own
+# module; these names stay importable from here.
+from .dense_switch import (DENSE_SWITCH_FRACTION, dense_is_faster,  # noqa: E402,F401
+                           dense_switch_fraction, set_dense_switch)
 
 
 def next_capacity(max_count: int, d_sae: int) -> int:
@@ -269,7 +264,8 @@ def gated_sae_loss(x: Tensor, W_enc: Tensor, W_dec: Tensor, b_dec: Tensor, b_gat
 
     On the sparse path nothing of size ``[tokens, d_sae]`` is built, forward or backward. When
     ``capacity`` (the expected largest row count, e.g. ``next_capacity`` of the previous batch)
-    exceeds ``DENSE_SWITCH_FRACTION * d_sae``, the dense math runs instead, as it is then faster.
+    exceeds ``dense_switch_fraction(x.device, x.dtype) * d_sae`` (see :func:`set_dense_switch`),
+    the dense math runs instead, as it is then faster.
     ``GatedLoss.max_count`` tells the caller the largest row count of this batch either way.
     """
     reference.check_loss_options(sparsity, aux)
@@ -277,7 +273,8 @@ def gated_sae_loss(x: Tensor, W_enc: Tensor, W_dec: Tensor, b_dec: Tensor, b_gat
         raise ValueError("gsae_fast.gated_sae_loss: x has no tokens (the loss is a mean over "
                          "tokens)")
     d_in, d_sae = W_enc.shape[0], W_enc.shape[1]
-    if backends.resolve(backend, x.device) == "reference" or dense_is_faster(capacity, d_sae):
+    if backends.resolve(backend, x.device) == "reference" or \
+            dense_is_faster(capacity, d_sae, x.device, x.dtype):
         _check_same(dict(x=x, W_enc=W_enc, W_dec=W_dec), "gsae_fast.gated_sae_loss")
         return reference.gated_sae_loss(x, W_enc, W_dec, b_dec, b_gate, r_mag, b_mag,
                                         l1_coefficient, sparsity=sparsity, aux=aux)

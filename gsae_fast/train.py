@@ -207,7 +207,7 @@ class Trainer:
             out, local_max = distributed.feature_sharded_loss(
                 *self._in_compute_dtype(x), *params, coef, sparsity=sparsity, aux=cfg.aux,
                 backend=sae._backend_for(x), capacity=self.local_capacity,
-                dense=ops.dense_is_faster(self.capacity, cfg.d_sae))
+                dense=ops.dense_is_faster(self.capacity, cfg.d_sae, x.device, params[0].dtype))
             self.local_capacity = ops.next_capacity(local_max, sae.d_sae)
             return out
         return ops.gated_sae_loss(*self._in_compute_dtype(x), *params, coef, sparsity=sparsity,

@@ -87,3 +87,30 @@ def test_bench_interp_quick():
     assert len(rows) == 2
     for r in rows:
         assert float(r[-2]) < 1e-4  # max relative difference dense vs sparse
+
+
+def test_bench_gpu_crossing():
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import bench_gpu
+    # sparse / dense = 0.5 at L0 100, 2 at L0 400: log-linear midpoint 200
+    assert abs(bench_gpu.crossing([(100, 1.0, 2.0), (400, 2.0, 1.0)]) - 200) < 1e-9
+    assert bench_gpu.crossing([(100, 1.0, 2.0), (400, 1.0, 1.5)]) is None
+    assert bench_gpu.crossing([(100, 3.0, 2.0), (400, 4.0, 1.0)]) == 100  # dense everywhere
+
+
+@pytest.mark.skipif("triton" not in gsae_fast.available_backends(
+    "cuda" if torch.cuda.is_available() else "cpu"), reason="triton is not installed")
+def test_bench_gpu_sweep_smoke(tmp_path):
+    """--sweep: the sparse and the dense step at each L0, the crossing printed (two tiny L0s)."""
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_gpu.py"), "--smoke",
+                          "--sweep", "--dtype", "fp32", "--executor", "triton", "--l0", "4",
+                          "--l0", "16", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "measured crossing L0" in res.stdout and "| triton | 4 |" in res.stdout
+    [name] = [f for f in os.listdir(tmp_path) if f.endswith("_sweep.json")]
+    data = json.loads((tmp_path / name).read_text())
+    assert [r["target_l0"] for r in data["rows"]] == [4, 16]
+    assert all(r["sparse_step_ms"] > 0 and r["dense_step_ms"] > 0 for r in data["rows"])
+    if torch.cuda.is_available():
+        assert "model_l0" in data["results"]["triton"]

@@ -69,12 +69,14 @@ def config(**kw):
 
 @contextlib.contextmanager
 def dense_switch(fraction):
-    old = ops.DENSE_SWITCH_FRACTION
-    ops.DENSE_SWITCH_FRACTION = old if fraction is None else fraction
+    """The CPU's dense switch set to ``fraction`` (None: as it is) for the block."""
+    from gsae_fast import dense_switch as ds
+    old = ds._dense_switch_override.get("cpu")
+    ds.set_dense_switch(old if fraction is None else fraction, "cpu")
     try:
         yield
     finally:
-        ops.DENSE_SWITCH_FRACTION = old
+        ds.set_dense_switch(old, "cpu")
 
 
 @contextlib.contextmanager
