@@ -40,19 +40,30 @@ MIN_SHARED_OPTIN = 101_376
 PORTABLE_SHAPE = (64, 64, 32, 4, 2)
 
 
+def epilogue_width(BM: int, BN: int, num_warps: int) -> int:
+    """Columns per epilogue subtile: 1024 / (accumulators per thread), at least 8: 8 columns where a
+    thread holds 128 accumulators, 16 where it holds 64, 32 where it holds 32. Measured on the
+    compiled sm_90 code (bench/gpu_static.py): 16 columns spill in the 128-accumulator tiles,
+    the whole tile (the former epilogue) spills in all of them."""
+    per_thread = BM * BN // (32 * num_warps)
+    return max(8, min(BN, 16 * 64 // per_thread))
+
+
 def _gpu_configs():
     # Hopper (H100/H200) and Ampere (A100): 128-row tiles, 64-256 features, K steps of 32-64;
     # the portable tile last.
     shapes = [(128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (128, 256, 32, 8, 3),
               (64, 256, 32, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (256, 128, 64, 8, 3),
               PORTABLE_SHAPE]
-    return [triton.Config(dict(BM=m, BN=n, BK=k, GROUP_M=8), num_warps=w, num_stages=s)
+    return [triton.Config(dict(BM=m, BN=n, BK=k, GROUP_M=8, EPI_N=epilogue_width(m, n, w)),
+                          num_warps=w, num_stages=s)
             for m, n, k, w, s in shapes]
 
 
 def _configs():
     if INTERPRET:  # one config: the interpreter cannot benchmark, and small tiles test the tails
-        return [triton.Config(dict(BM=32, BN=32, BK=32, GROUP_M=2), num_warps=4)]
+        # (and the epilogue's subtile split, two levels deep)
+        return [triton.Config(dict(BM=32, BN=32, BK=32, GROUP_M=2, EPI_N=8), num_warps=4)]
     return _gpu_configs()
 
 
@@ -120,6 +131,105 @@ def _fits_in_shared_memory(configs, named_args, **kwargs):
     return kept
 
 
+@triton.jit
+def _epilogue(z, rm, n0, c_ptr, b_gate_ptr, r_mag_ptr, b_mag_ptr, f_ptr, pi_ptr, idx_ptr,
+              counts_ptr, status_ptr, B, d_sae, K, ACC: tl.constexpr, BM: tl.constexpr,
+              W: tl.constexpr):
+    """The epilogue of one subtile: the accumulator's columns ``n0 .. n0 + W``."""
+    rn = n0 + tl.arange(0, W)
+    m_ok = rm < B
+    n_ok = rn < d_sae
+    c = tl.load(c_ptr + rn, mask=n_ok, other=0.0)
+    b_gate = tl.load(b_gate_ptr + rn, mask=n_ok, other=0.0).to(ACC)
+    z = z - c[None, :]
+    valid = m_ok[:, None] & n_ok[None, :]
+
+    bad = valid & ((z != z) | (tl.abs(z) == float("inf")))
+    if tl.max(bad.to(tl.int32)) > 0:
+        tl.atomic_max(status_ptr + 1, 1, sem="relaxed")
+
+    pi_gate = z + b_gate[None, :]
+    active = (valid & (pi_gate > 0)).to(tl.int32)
+    n_row = tl.sum(active, axis=1)
+    base = tl.atomic_add(counts_ptr + rm, n_row, mask=m_ok & (n_row > 0), sem="relaxed")
+    slot = base[:, None] + tl.cumsum(active, axis=1) - active
+    keep = (active > 0) & (slot < K)
+    # one 64-bit base per row, the slot added per element (no 64-bit offset tensor); f computed
+    # after the compaction: fewer live registers
+    row = rm.to(tl.int64) * K
+    tl.store((idx_ptr + row)[:, None] + slot, rn[None, :] + tl.zeros((BM, W), tl.int32),
+             mask=keep)
+    scale = tl.exp(tl.load(r_mag_ptr + rn, mask=n_ok, other=0.0).to(ACC))
+    b_mag = tl.load(b_mag_ptr + rn, mask=n_ok, other=0.0).to(ACC)
+    f = tl.maximum(scale[None, :] * z + b_mag[None, :], 0.0)
+    tl.store((f_ptr + row)[:, None] + slot, f, mask=keep)
+    tl.store((pi_ptr + row)[:, None] + slot, pi_gate, mask=keep)
+
+
+@triton.jit
+def _halves(t, BM: tl.constexpr, W: tl.constexpr):
+    """Columns ``[0, W/2)`` and ``[W/2, W)`` of ``t[BM, W]`` (in the accumulator's layout each
+    thread holds both halves: no data moves)."""
+    return tl.split(tl.permute(tl.reshape(t, (BM, 2, W // 2)), (0, 2, 1)))
+
+
+# The epilogue over 2**j subtiles of width W / 2**j, one after the other (each subtile's
+# temporaries die before the next one starts). One function per depth: Triton has no recursion.
+@triton.jit
+def _epilogue2(t, n0, W: tl.constexpr, rm, c_ptr, b_gate_ptr, r_mag_ptr, b_mag_ptr, f_ptr,
+               pi_ptr, idx_ptr, counts_ptr, status_ptr, B, d_sae, K, ACC: tl.constexpr,
+               BM: tl.constexpr):
+    a0, a1 = _halves(t, BM, W)
+    _epilogue(a0, rm, n0, c_ptr, b_gate_ptr, r_mag_ptr, b_mag_ptr, f_ptr, pi_ptr, idx_ptr,
+              counts_ptr, status_ptr, B, d_sae, K, ACC, BM, W // 2)
+    _epilogue(a1, rm, n0 + W // 2, c_ptr, b_gate_ptr, r_mag_ptr, b_mag_ptr, f_ptr, pi_ptr,
+              idx_ptr, counts_ptr, status_ptr, B, d_sae, K, ACC, BM, W // 2)
+
+
+@triton.jit
+def _epilogue4(t, n0, W: tl.constexpr, rm, c_ptr, b_gate_ptr, r_mag_ptr, b_mag_ptr, f_ptr,
+               pi_ptr, idx_ptr, counts_ptr, status_ptr, B, d_sae, K, ACC: tl.constexpr,
+               BM: tl.constexpr):
+    a0, a1 = _halves(t, BM, W)
+    _epilogue2(a0, n0, W // 2, rm, c_ptr, b_gate_ptr, r_mag_ptr, b_mag_ptr, f_ptr, pi_ptr, idx_ptr,
+               counts_ptr, status_ptr, B, d_sae, K, ACC, BM)
+    _epilogue2(a1, n0 + W // 2, W // 2, rm, c_ptr, b_gate_ptr, r_mag_ptr, b_mag_ptr, f_ptr, pi_ptr,
+               idx_ptr, counts_ptr, status_ptr, B, d_sae, K, ACC, BM)
+
+
+@triton.jit
+def _epilogue8(t, n0, W: tl.constexpr, rm, c_ptr, b_gate_ptr, r_mag_ptr, b_mag_ptr, f_ptr,
+               pi_ptr, idx_ptr, counts_ptr, status_ptr, B, d_sae, K, ACC: tl.constexpr,
+               BM: tl.constexpr):
+    a0, a1 = _halves(t, BM, W)
+    _epilogue4(a0, n0, W // 2, rm, c_ptr, b_gate_ptr, r_mag_ptr, b_mag_ptr, f_ptr, pi_ptr, idx_ptr,
+               counts_ptr, status_ptr, B, d_sae, K, ACC, BM)
+    _epilogue4(a1, n0 + W // 2, W // 2, rm, c_ptr, b_gate_ptr, r_mag_ptr, b_mag_ptr, f_ptr, pi_ptr,
+               idx_ptr, counts_ptr, status_ptr, B, d_sae, K, ACC, BM)
+
+
+@triton.jit
+def _epilogue16(t, n0, W: tl.constexpr, rm, c_ptr, b_gate_ptr, r_mag_ptr, b_mag_ptr, f_ptr,
+                pi_ptr, idx_ptr, counts_ptr, status_ptr, B, d_sae, K, ACC: tl.constexpr,
+                BM: tl.constexpr):
+    a0, a1 = _halves(t, BM, W)
+    _epilogue8(a0, n0, W // 2, rm, c_ptr, b_gate_ptr, r_mag_ptr, b_mag_ptr, f_ptr, pi_ptr, idx_ptr,
+               counts_ptr, status_ptr, B, d_sae, K, ACC, BM)
+    _epilogue8(a1, n0 + W // 2, W // 2, rm, c_ptr, b_gate_ptr, r_mag_ptr, b_mag_ptr, f_ptr, pi_ptr,
+               idx_ptr, counts_ptr, status_ptr, B, d_sae, K, ACC, BM)
+
+
+@triton.jit
+def _epilogue32(t, n0, W: tl.constexpr, rm, c_ptr, b_gate_ptr, r_mag_ptr, b_mag_ptr, f_ptr,
+                pi_ptr, idx_ptr, counts_ptr, status_ptr, B, d_sae, K, ACC: tl.constexpr,
+                BM: tl.constexpr):
+    a0, a1 = _halves(t, BM, W)
+    _epilogue16(a0, n0, W // 2, rm, c_ptr, b_gate_ptr, r_mag_ptr, b_mag_ptr, f_ptr, pi_ptr, idx_ptr,
+                counts_ptr, status_ptr, B, d_sae, K, ACC, BM)
+    _epilogue16(a1, n0 + W // 2, W // 2, rm, c_ptr, b_gate_ptr, r_mag_ptr, b_mag_ptr, f_ptr, pi_ptr,
+                idx_ptr, counts_ptr, status_ptr, B, d_sae, K, ACC, BM)
+
+
 # The counters are restored after each autotuning run, so the tuned launch counts from zero.
 @triton.autotune(configs=_configs(), key=["d_in", "d_sae"],
                  prune_configs_by={"early_config_prune": _fits_in_shared_memory},
@@ -130,7 +240,7 @@ def _gated_encode_kernel(x_ptr, w_ptr, c_ptr, b_gate_ptr, r_mag_ptr, b_mag_ptr,
                          B, d_in, d_sae, K,
                          ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                         GROUP_M: tl.constexpr):
+                         GROUP_M: tl.constexpr, EPI_N: tl.constexpr):
     # Grouped tile order (GROUP_M row tiles share the W_enc columns they read, in L2).
     pid = tl.program_id(0)
     n_m = tl.cdiv(B, BM)
@@ -144,8 +254,6 @@ def _gated_encode_kernel(x_ptr, w_ptr, c_ptr, b_gate_ptr, r_mag_ptr, b_mag_ptr,
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
     rk = tl.arange(0, BK)
-    m_ok = rm < B
-    n_ok = rn < d_sae
     # Out-of-range rows/columns read a valid row/column (wrapped) and are masked at the end.
     x_ptrs = x_ptr + (rm % B)[:, None].to(tl.int64) * d_in + rk[None, :]
     w_ptrs = w_ptr + rk[:, None].to(tl.int64) * d_sae + (rn % d_sae)[None, :]
@@ -161,29 +269,28 @@ def _gated_encode_kernel(x_ptr, w_ptr, c_ptr, b_gate_ptr, r_mag_ptr, b_mag_ptr,
         x_ptrs += BK
         w_ptrs += BK * d_sae
 
-    # Epilogue, all in registers.
-    c = tl.load(c_ptr + rn, mask=n_ok, other=0.0)
-    b_gate = tl.load(b_gate_ptr + rn, mask=n_ok, other=0.0).to(ACC)
-    scale = tl.exp(tl.load(r_mag_ptr + rn, mask=n_ok, other=0.0).to(ACC))
-    b_mag = tl.load(b_mag_ptr + rn, mask=n_ok, other=0.0).to(ACC)
-    z = acc - c[None, :]
-    pi_gate = z + b_gate[None, :]
-    f = tl.maximum(scale[None, :] * z + b_mag[None, :], 0.0)
-    valid = m_ok[:, None] & n_ok[None, :]
-
-    bad = valid & ((z != z) | (tl.abs(z) == float("inf")))
-    if tl.max(bad.to(tl.int32)) > 0:
-        tl.atomic_max(status_ptr + 1, 1, sem="relaxed")
-
-    active = (valid & (pi_gate > 0)).to(tl.int32)
-    n_row = tl.sum(active, axis=1)
-    base = tl.atomic_add(counts_ptr + rm, n_row, mask=m_ok & (n_row > 0), sem="relaxed")
-    slot = base[:, None] + tl.cumsum(active, axis=1) - active
-    keep = (active > 0) & (slot < K)
-    out = rm[:, None].to(tl.int64) * K + slot
-    tl.store(idx_ptr + out, (rn[None, :] + tl.zeros((BM, BN), tl.int32)), mask=keep)
-    tl.store(f_ptr + out, f, mask=keep)
-    tl.store(pi_ptr + out, pi_gate, mask=keep)
+    # Epilogue, all in registers, in subtiles of EPI_N columns (see epilogue_width).
+    n0 = pid_n * BN
+    NS: tl.constexpr = BN // EPI_N
+    tl.static_assert(NS * EPI_N == BN and NS <= 32 and (NS & (NS - 1)) == 0)
+    if NS == 1:
+        _epilogue(acc, rm, n0, c_ptr, b_gate_ptr, r_mag_ptr, b_mag_ptr, f_ptr, pi_ptr, idx_ptr,
+                  counts_ptr, status_ptr, B, d_sae, K, ACC, BM, BN)
+    elif NS == 2:
+        _epilogue2(acc, n0, BN, rm, c_ptr, b_gate_ptr, r_mag_ptr, b_mag_ptr, f_ptr, pi_ptr,
+                    idx_ptr, counts_ptr, status_ptr, B, d_sae, K, ACC, BM)
+    elif NS == 4:
+        _epilogue4(acc, n0, BN, rm, c_ptr, b_gate_ptr, r_mag_ptr, b_mag_ptr, f_ptr, pi_ptr,
+                    idx_ptr, counts_ptr, status_ptr, B, d_sae, K, ACC, BM)
+    elif NS == 8:
+        _epilogue8(acc, n0, BN, rm, c_ptr, b_gate_ptr, r_mag_ptr, b_mag_ptr, f_ptr, pi_ptr,
+                    idx_ptr, counts_ptr, status_ptr, B, d_sae, K, ACC, BM)
+    elif NS == 16:
+        _epilogue16(acc, n0, BN, rm, c_ptr, b_gate_ptr, r_mag_ptr, b_mag_ptr, f_ptr, pi_ptr,
+                     idx_ptr, counts_ptr, status_ptr, B, d_sae, K, ACC, BM)
+    else:
+        _epilogue32(acc, n0, BN, rm, c_ptr, b_gate_ptr, r_mag_ptr, b_mag_ptr, f_ptr, pi_ptr,
+                    idx_ptr, counts_ptr, status_ptr, B, d_sae, K, ACC, BM)
 
 
 def gated_encode(x, W_enc, b_dec, b_gate, r_mag, b_mag, capacity: int):

@@ -181,7 +181,7 @@ def _encode_named_args(dtype, d_in=256, x=None):
                  status_ptr=torch.int32)
     ints = dict(B=1000, d_in=d_in, d_sae=4096, K=64)
     names = [n for n in enc._gated_encode_kernel.fn.arg_names
-             if n not in ("ACC", "PRECISION", "UPCAST", "BM", "BN", "BK", "GROUP_M")]
+             if n not in ("ACC", "PRECISION", "UPCAST", "BM", "BN", "BK", "GROUP_M", "EPI_N")]
     out = {n: ints[n] if n in ints else _FakeCudaTensor(types.get(n, dtype)) for n in names}
     if x is not None:
         out["x_ptr"] = x
@@ -372,6 +372,28 @@ def test_prune_on_the_compiled_sizes(aot_report, prune):
                 assert kept == [c for c in configs if sizes[_config_key(
                     c.kwargs, c.num_warps, c.num_stages)] <= limit], (arch, dt, limit)
                 assert kept
+
+
+@aot
+def test_encode_is_spill_free_with_wgmma_on_hopper(aot_report):
+    """The 16-bit encode compiled for sm_90 (as the JIT specialises it): no autotune configuration
+    spills registers (no STL/LDL in the SASS, no stack) and every one runs its GEMM on wgmma
+    (HGMMA). The epilogue works in subtiles of EPI_N columns for this (kernels/gated_encode.py);
+    bench/gpu_static.py tabulates every kernel. (fp32 without TF32, an FMA GEMM, still spills
+    in its 128-accumulator tiles: bench/results/gpu_static.md.)"""
+    _, records = aot_report
+    enc = _encode_module()
+    for dt in ("bf16", "fp16"):
+        recs = [r for r in records if r["ok"] and r["kernel"] == "gated_encode"
+                and r["arch"] == 90 and r["dtype"] == dt]
+        assert len(recs) == len(enc._gpu_configs()), dt
+        for r in recs:
+            res = r["resources"]
+            if res is None:
+                pytest.skip("triton ships no cuobjdump")
+            label = (dt, r["meta"], r["num_warps"], res)
+            assert res["spills"] == 0 and res["stack"] == 0, label
+            assert res["mma"].get("HGMMA"), label
 
 
 # --------------------------------------------------------------------------------------------

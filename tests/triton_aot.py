@@ -2,8 +2,9 @@
 
 The interpreter tests check the kernels' logic; this checks that the real compiler accepts them
 (types, layouts, dynamic loops) for every autotune configuration in fp32, bf16, fp16 and fp64,
-and reports each one's shared memory and its atomics and memory fences (in the PTX, and in the
-SASS when triton ships cuobjdump). Arguments get the specialisation of real sizes: pointers and
+and reports each one's shared memory, its atomics and memory fences (in the PTX, and in the
+SASS), and its registers, spills (STL/LDL) and tensor-core opcodes (from the SASS and
+``cuobjdump -res-usage``, when triton ships cuobjdump; bench/gpu_static.py tabulates them). Arguments get the specialisation of real sizes: pointers and
 integers divisible by 16 (what the JIT compiles when sizes are multiples of 16). Run without
 TRITON_INTERPRET (tests/test_triton.py does, once, in a subprocess, and reads the JSON report):
 
@@ -112,9 +113,9 @@ def _opcode_counts(pattern, text):
     return dict(collections.Counter(m.group(0) for m in pattern.finditer(text)))
 
 
-def sass_ops(cubin: bytes):
-    """Counts of the atomic, barrier and cache-control opcodes of a cubin's SASS (None when
-    triton ships no cuobjdump)."""
+def _cuobjdump(cubin: bytes, flag: str):
+    """``cuobjdump <flag>`` of a cubin (the one triton ships): its stdout, or None without the
+    tool or on failure."""
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     if not os.access(tool, os.X_OK):
         return None
@@ -122,16 +123,50 @@ def sass_ops(cubin: bytes):
         path = os.path.join(d, "k.cubin")
         with open(path, "wb") as fh:
             fh.write(cubin)
-        res = subprocess.run([tool, "-sass", path], capture_output=True, text=True)
-    return _opcode_counts(SASS_OPS, res.stdout) if res.returncode == 0 else None
+        res = subprocess.run([tool, flag, path], capture_output=True, text=True)
+    return res.stdout if res.returncode == 0 else None
+
+
+def sass_ops(cubin: bytes, sass: str | None = None):
+    """Counts of the atomic, barrier and cache-control opcodes of a cubin's SASS (None when
+    triton ships no cuobjdump)."""
+    sass = _cuobjdump(cubin, "-sass") if sass is None else sass
+    return None if sass is None else _opcode_counts(SASS_OPS, sass)
+
+
+# Local-memory traffic (register spills: the kernels use no local arrays) and tensor-core
+# instructions (HGMMA: Hopper's wgmma; HMMA/DMMA: mma.sync in 16-bit/TF32 and fp64).
+SASS_SPILLS = re.compile(r"\b(?:STL|LDL)\b")
+SASS_MMA = re.compile(r"\b(?:HGMMA|HMMA|DMMA|IMMA)\b")
+RES_USAGE = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
+
+
+def resources(cubin: bytes, sass: str | None = None):
+    """Registers per thread, stack and local bytes per thread, static shared bytes (from
+    ``cuobjdump -res-usage``), the number of spill instructions (STL/LDL in the SASS) and the
+    tensor-core opcodes; None without cuobjdump."""
+    usage = _cuobjdump(cubin, "-res-usage")
+    sass = _cuobjdump(cubin, "-sass") if sass is None else sass
+    m = RES_USAGE.search(usage or "")
+    if m is None or sass is None:
+        return None
+    regs, stack, static_shared, local = map(int, m.groups())
+    return dict(regs=regs, stack=stack, local=local, static_shared=static_shared,
+                spills=len(SASS_SPILLS.findall(sass)),
+                spill_ops=_opcode_counts(re.compile(r"\b(?:STL|LDL)\b[\w.]*"), sass),
+                mma=_opcode_counts(SASS_MMA, sass))
 
 
 def inspect_kernel(kernel) -> dict:
+    """Shared memory (the launch's dynamic size), PTX atomics and fences, and from the cubin's
+    SASS its resources (registers, spills, tensor-core opcodes; :func:`resources`)."""
     ptx = kernel.asm["ptx"]
     out = dict(shared=kernel.metadata.shared, ptx_atomics=_opcode_counts(PTX_ATOMIC, ptx),
                ptx_fences=_opcode_counts(PTX_FENCE, ptx))
+    sass = _cuobjdump(kernel.asm["cubin"], "-sass")
     if out["ptx_atomics"] or out["ptx_fences"]:
-        out["sass"] = sass_ops(kernel.asm["cubin"])
+        out["sass"] = sass_ops(kernel.asm["cubin"], sass)
+    out["resources"] = resources(kernel.asm["cubin"], sass) if sass is not None else None
     return out
 
 
@@ -178,8 +213,10 @@ def main():
         for rec in run(compile_task, tasks):
             label = (f"sm_{rec['arch']} {rec['dtype']} {rec['kernel']} {rec['meta']} "
                      f"w{rec['num_warps']} s{rec['num_stages']}")
-            print(f"ok    {label}: shared {rec['shared']} B, {rec['seconds']:.1f} s" if rec["ok"]
-                  else f"FAIL  {label}: {rec['error']}", flush=True)
+            res = rec.get("resources") or {}
+            regs = f", {res['regs']} regs, {res['spills']} spills" if res else ""
+            print(f"ok    {label}: shared {rec['shared']} B{regs}, {rec['seconds']:.1f} s"
+                  if rec["ok"] else f"FAIL  {label}: {rec['error']}", flush=True)
             records.append(rec)
     failures = sum(not r["ok"] for r in records)
     print(f"{len(records) - failures} compiled, {failures} failed, {time.time() - t_all:.0f} s, "
