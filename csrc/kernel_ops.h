@@ -21,6 +21,14 @@ inline void define_kernel_ops(torch::Library& m) {
   m.def(
       "sparse_decode_backward(Tensor grad_out, Tensor idx, Tensor val, Tensor counts, "
       "Tensor W_dec, bool need_val, bool need_W_dec) -> (Tensor, Tensor)");
+  // x_hat and the auxiliary reconstruction: two value sets over the same slots, one gather.
+  m.def(
+      "sparse_decode_pair(Tensor idx, Tensor val_a, Tensor val_b, Tensor counts, Tensor W_dec, "
+      "Tensor? bias) -> (Tensor, Tensor)");
+  m.def(
+      "sparse_decode_pair_backward(Tensor grad_a, Tensor grad_b, Tensor idx, Tensor val_a, "
+      "Tensor val_b, Tensor counts, Tensor W_dec, bool need_val_a, bool need_val_b, "
+      "bool need_W_dec, bool W_from_b) -> (Tensor, Tensor, Tensor)");
 }
 
 }  // namespace gsae_fast

@@ -27,6 +27,13 @@ at::Tensor sparse_decode_cpu(const at::Tensor& idx, const at::Tensor& val,
 std::tuple<at::Tensor, at::Tensor> sparse_decode_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& idx, const at::Tensor& val,
     const at::Tensor& counts, const at::Tensor& W_dec, bool need_val, bool need_W_dec);
+std::tuple<at::Tensor, at::Tensor> sparse_decode_pair_cpu(
+    const at::Tensor& idx, const at::Tensor& val_a, const at::Tensor& val_b,
+    const at::Tensor& counts, const at::Tensor& W_dec, const std::optional<at::Tensor>& bias);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_decode_pair_backward_cpu(
+    const at::Tensor& grad_a, const at::Tensor& grad_b, const at::Tensor& idx,
+    const at::Tensor& val_a, const at::Tensor& val_b, const at::Tensor& counts,
+    const at::Tensor& W_dec, bool need_val_a, bool need_val_b, bool need_W_dec, bool W_from_b);
 }  // namespace gsae_fast
 
 TORCH_LIBRARY(gsae_fast_C, m) { gsae_fast::define_kernel_ops(m); }
@@ -36,6 +43,8 @@ TORCH_LIBRARY_IMPL(gsae_fast_C, CPU, m) {
   m.impl("gated_encode_backward", &gsae_fast::gated_encode_backward_cpu);
   m.impl("sparse_decode", &gsae_fast::sparse_decode_cpu);
   m.impl("sparse_decode_backward", &gsae_fast::sparse_decode_backward_cpu);
+  m.impl("sparse_decode_pair", &gsae_fast::sparse_decode_pair_cpu);
+  m.impl("sparse_decode_pair_backward", &gsae_fast::sparse_decode_pair_backward_cpu);
 }
 
 // Importing gsae_fast._C loads the library, which runs the registrations above.

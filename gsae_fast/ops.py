@@ -4,9 +4,10 @@ training loss, with autograd, on any executor (see gsae_fast.backends).
 Three layers, each in one place:
 
 1. torch custom ops ``gsae_fast::gated_encode``, ``gsae_fast::gated_encode_backward``,
-   ``gsae_fast::sparse_decode``, ``gsae_fast::sparse_decode_backward``: fixed-shape, functional,
-   with fake kernels (torch.compile, opcheck) and autograd; a ``backend`` argument names the
-   executor that runs them.
+   ``gsae_fast::sparse_decode``, ``gsae_fast::sparse_decode_backward``,
+   ``gsae_fast::sparse_decode_pair``, ``gsae_fast::sparse_decode_pair_backward``: fixed-shape,
+   functional, with fake kernels (torch.compile, opcheck) and autograd; a ``backend`` argument
+   names the executor that runs them.
 2. Python wrappers (:func:`gated_encode`, :func:`sparse_decode`): input checks, leading batch
    dims, and the capacity protocol: the encode op reports the true per-row counts, and an
    overflow is re-run with the exact capacity, so no active feature is ever dropped.
@@ -152,6 +153,92 @@ def _decode_backward(ctx, grad_out):
 _decode_op.register_autograd(_decode_backward, setup_context=_decode_setup)
 
 
+# The pair decode: out_a = val_a @ W + bias and out_b = val_b @ W + bias over the same slots
+# (the Gated SAE loss's x_hat and auxiliary reconstruction), from one gather of each used row of
+# W, forward (two accumulators) and backward (two dot products per gathered row). ``grad_W_b``:
+# whether out_b's gradient reaches W and bias (aux="shared"), or only val_b (aux="frozen").
+# An executor without the pair kernels runs two single decodes (same contract).
+
+def _pair_kernel(ex, name: str):
+    return getattr(ex, name, None)
+
+
+@torch.library.custom_op("gsae_fast::sparse_decode_pair", mutates_args=())
+def _decode_pair_op(idx: Tensor, val_a: Tensor, val_b: Tensor, counts: Tensor, W_dec: Tensor,
+                    bias: Optional[Tensor], grad_W_b: bool, backend: str
+                    ) -> tuple[Tensor, Tensor]:
+    ex = backends.executor(backend)
+    fn = _pair_kernel(ex, "sparse_decode_pair")
+    if fn is None:
+        return (ex.sparse_decode(idx, val_a, counts, W_dec, bias),
+                ex.sparse_decode(idx, val_b, counts, W_dec, bias))
+    return tuple(fn(idx, val_a, val_b, counts, W_dec, bias))
+
+
+@_decode_pair_op.register_fake
+def _(idx, val_a, val_b, counts, W_dec, bias, grad_W_b, backend):
+    shape = (idx.shape[0], W_dec.shape[1])
+    return W_dec.new_empty(shape), W_dec.new_empty(shape)
+
+
+@torch.library.custom_op("gsae_fast::sparse_decode_pair_backward", mutates_args=())
+def _decode_pair_backward_op(grad_a: Tensor, grad_b: Tensor, idx: Tensor, val_a: Tensor,
+                             val_b: Tensor, counts: Tensor, W_dec: Tensor, need_val_a: bool,
+                             need_val_b: bool, need_W_dec: bool, W_from_b: bool, backend: str
+                             ) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (grad_val_a or empty, grad_val_b or empty, grad_W_dec or empty); grad_W_dec sums
+    the out_a path and, when ``W_from_b``, the out_b path."""
+    ex = backends.executor(backend)
+    fn = _pair_kernel(ex, "sparse_decode_pair_backward")
+    if fn is not None:
+        return tuple(fn(grad_a, grad_b, idx, val_a, val_b, counts, W_dec, need_val_a, need_val_b,
+                        need_W_dec, W_from_b))
+    gva, gWa = ex.sparse_decode_backward(grad_a, idx, val_a, counts, W_dec, need_val_a,
+                                         need_W_dec)
+    gvb, gWb = ex.sparse_decode_backward(grad_b, idx, val_b, counts, W_dec, need_val_b,
+                                         need_W_dec and W_from_b)
+    gW = gWa + gWb if need_W_dec and W_from_b else gWa
+    return gva, gvb, gW
+
+
+@_decode_pair_backward_op.register_fake
+def _(grad_a, grad_b, idx, val_a, val_b, counts, W_dec, need_val_a, need_val_b, need_W_dec,
+      W_from_b, backend):
+    return (torch.empty_like(val_a) if need_val_a else val_a.new_empty((0,)),
+            torch.empty_like(val_b) if need_val_b else val_b.new_empty((0,)),
+            torch.empty_like(W_dec) if need_W_dec else W_dec.new_empty((0,)))
+
+
+def _decode_pair_setup(ctx, inputs, output):
+    idx, val_a, val_b, counts, W_dec, bias, grad_W_b, backend = inputs
+    ctx.save_for_backward(idx, val_a, val_b, counts, W_dec)
+    ctx.backend = backend
+    ctx.has_bias = bias is not None
+    ctx.grad_W_b = grad_W_b
+
+
+def _decode_pair_backward(ctx, grad_a, grad_b):
+    idx, val_a, val_b, counts, W_dec = ctx.saved_tensors
+    shape = (idx.shape[0], W_dec.shape[1])
+    grad_a = W_dec.new_zeros(shape) if grad_a is None else grad_a.contiguous()
+    grad_b = W_dec.new_zeros(shape) if grad_b is None else grad_b.contiguous()
+    need_a, need_b, need_W = (ctx.needs_input_grad[1], ctx.needs_input_grad[2],
+                              ctx.needs_input_grad[4])
+    grad_val_a = grad_val_b = grad_W = None
+    if need_a or need_b or need_W:
+        grad_val_a, grad_val_b, grad_W = _decode_pair_backward_op(
+            grad_a, grad_b, idx, val_a, val_b, counts, W_dec, need_a, need_b, need_W,
+            ctx.grad_W_b, ctx.backend)
+    grad_bias = None
+    if ctx.has_bias and ctx.needs_input_grad[5]:
+        grad_bias = grad_a.sum(0) + grad_b.sum(0) if ctx.grad_W_b else grad_a.sum(0)
+    return (None, grad_val_a if need_a else None, grad_val_b if need_b else None, None,
+            grad_W if need_W else None, grad_bias, None, None)
+
+
+_decode_pair_op.register_autograd(_decode_pair_backward, setup_context=_decode_pair_setup)
+
+
 # --------------------------------------------------------------------------------------------
 # Layer 2: checked wrappers with the capacity protocol.
 # --------------------------------------------------------------------------------------------
@@ -252,9 +339,45 @@ def sparse_decode(acts: SparseActs, W_dec: Tensor, bias: Optional[Tensor] = None
     return out.view(*lead, W_dec.shape[1])
 
 
+def sparse_decode_pair(acts: SparseActs, W_dec: Tensor, bias: Optional[Tensor] = None, *,
+                       grad_b: bool = True, backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """``(sparse_decode(acts, W_dec, bias), sparse_decode(acts, W_dec, bias, values="pi_gate"))``
+    from one gather of each used W_dec row (forward and backward): the x_hat and the auxiliary
+    reconstruction of the Gated SAE loss. ``grad_b=False`` stops the second output's gradient
+    into W_dec and bias (aux="frozen"); it still reaches pi_gate.
+    """
+    op = "gsae_fast.sparse_decode_pair"
+    if not isinstance(acts, SparseActs):
+        raise TypeError(f"{op}: acts must be SparseActs, got {type(acts).__name__}")
+    tensors = dict(W_dec=W_dec) if bias is None else dict(W_dec=W_dec, bias=bias)
+    _check_same(tensors, op)
+    if W_dec.dim() != 2 or W_dec.shape[0] != acts.d_sae:
+        raise ValueError(f"{op}: W_dec must be [d_sae={acts.d_sae}, d_in], got "
+                         f"{list(W_dec.shape)}")
+    if bias is not None:
+        _check_shape(bias, (W_dec.shape[1],), "bias", op)
+    if acts.idx.device != W_dec.device:
+        raise ValueError(f"{op}: acts are on {acts.idx.device} but W_dec is on {W_dec.device}")
+    be = backends.resolve(backend, W_dec.device)
+    lead, K = acts.counts.shape, acts.capacity
+    rows = acts.counts.numel()
+    acc = acc_dtype(W_dec.dtype)
+    val_a = acts.f.to(acc).reshape(rows, K).contiguous()
+    val_b = acts.pi_gate.to(acc).reshape(rows, K).contiguous()
+    out_a, out_b = _decode_pair_op(acts.idx.reshape(rows, K).contiguous(), val_a, val_b,
+                                   acts.counts.reshape(rows).contiguous(), W_dec.contiguous(),
+                                   None if bias is None else bias.contiguous(), grad_b, be)
+    return out_a.view(*lead, W_dec.shape[1]), out_b.view(*lead, W_dec.shape[1])
+
+
 # --------------------------------------------------------------------------------------------
 # Layer 3: the loss.
 # --------------------------------------------------------------------------------------------
+
+# The loss decodes x_hat and the aux reconstruction with one sparse_decode_pair (False: two
+# sparse_decode calls, as before it existed; kept for tests and comparisons).
+_DECODE_PAIR = True
+
 
 def gated_sae_loss(x: Tensor, W_enc: Tensor, W_dec: Tensor, b_dec: Tensor, b_gate: Tensor,
                    r_mag: Tensor, b_mag: Tensor, l1_coefficient: float, *,
@@ -281,7 +404,11 @@ def gated_sae_loss(x: Tensor, W_enc: Tensor, W_dec: Tensor, b_dec: Tensor, b_gat
     _check_same(dict(x=x, W_dec=W_dec), "gsae_fast.gated_sae_loss")
     _check_shape(W_dec, (d_sae, d_in), "W_dec", "gsae_fast.gated_sae_loss")
     acts = gated_encode(x, W_enc, b_dec, b_gate, r_mag, b_mag, capacity=capacity, backend=backend)
-    x_hat = sparse_decode(acts, W_dec, b_dec, backend=backend)
+    if aux == "none" or not _DECODE_PAIR:
+        x_hat = sparse_decode(acts, W_dec, b_dec, backend=backend)
+    else:  # x_hat and the aux reconstruction from one gather of each used W_dec row
+        x_hat, x_aux = sparse_decode_pair(acts, W_dec, b_dec, grad_b=aux == "shared",
+                                          backend=backend)
     mse = (x_hat - x).pow(2).sum(-1).mean()
     # relu(pi_gate) on the active slots. Padding is masked here, not trusted to be zero: the loss
     # never reads what an executor left in a padding slot.
@@ -301,8 +428,9 @@ def gated_sae_loss(x: Tensor, W_enc: Tensor, W_dec: Tensor, b_dec: Tensor, b_gat
     if aux == "none":
         aux_term = torch.zeros((), dtype=mse.dtype, device=mse.device)
     else:
-        W, b = reference.aux_decoder(W_dec, b_dec, aux)
-        x_aux = sparse_decode(acts, W, b, values="pi_gate", backend=backend)
+        if not _DECODE_PAIR:  # two decodes (the frozen aux decodes with stop-gradient copies)
+            W, b = reference.aux_decoder(W_dec, b_dec, aux)
+            x_aux = sparse_decode(acts, W, b, values="pi_gate", backend=backend)
         aux_term = (x_aux - x).pow(2).sum(-1).mean()
     return GatedLoss(loss=mse + sparsity_term + aux_term, mse=mse, sparsity=sparsity_term,
                      aux=aux_term, l0=acts.l0(), x_hat=x_hat, acts=acts,

@@ -108,3 +108,57 @@ def sparse_decode_backward(grad_out, idx, val, counts, W_dec, need_val: bool, ne
     if need_W_dec:
         grad_W = torch.sparse.mm(_coo(idx, counts, val, W_dec.shape[0]).t(), g).to(W_dec.dtype)
     return grad_val, grad_W
+
+
+def _gathered_rows(idx, counts, W_dec):
+    """The rows W_dec[idx] of the active slots, gathered once per chunk of tokens:
+    yields (start, end, rows [end - start, K, d_in] in the accumulation dtype, mask)."""
+    acc = acc_dtype(W_dec.dtype)
+    mask = slot_mask(idx, counts)
+    i = torch.where(mask, idx, 0).long()  # padding never indexes (it may hold anything)
+    chunk = max(1, (1 << 22) // max(1, idx.shape[1] * W_dec.shape[1]))
+    for s in range(0, idx.shape[0], chunk):
+        yield s, min(s + chunk, idx.shape[0]), W_dec[i[s:s + chunk]].to(acc), mask[s:s + chunk]
+
+
+def sparse_decode_pair(idx, val_a, val_b, counts, W_dec, bias: Optional[Tensor]):
+    """(val_a @ W_dec + bias, val_b @ W_dec + bias) over the same slots: one gather of the rows,
+    two contractions."""
+    acc = acc_dtype(W_dec.dtype)
+    B, d_in = idx.shape[0], W_dec.shape[1]
+    zero = torch.zeros((), dtype=acc, device=idx.device)
+    out_a = torch.zeros(B, d_in, dtype=acc, device=idx.device)
+    out_b = torch.zeros_like(out_a)
+    for s, e, rows, m in _gathered_rows(idx, counts, W_dec):
+        out_a[s:e] = torch.einsum("bkd,bk->bd", rows, torch.where(m, val_a[s:e], zero))
+        out_b[s:e] = torch.einsum("bkd,bk->bd", rows, torch.where(m, val_b[s:e], zero))
+    if bias is not None:
+        out_a, out_b = out_a + bias.to(acc), out_b + bias.to(acc)
+    return out_a.to(W_dec.dtype), out_b.to(W_dec.dtype)
+
+
+def sparse_decode_pair_backward(grad_a, grad_b, idx, val_a, val_b, counts, W_dec,
+                                need_val_a: bool, need_val_b: bool, need_W_dec: bool,
+                                W_from_b: bool):
+    acc = acc_dtype(W_dec.dtype)
+    ga, gb = grad_a.to(acc), grad_b.to(acc)
+    empty = torch.empty(0, dtype=acc, device=idx.device)
+    gva = torch.zeros_like(val_a) if need_val_a else empty
+    gvb = torch.zeros_like(val_b) if need_val_b else empty.clone()
+    if need_val_a or need_val_b:
+        zero = torch.zeros((), dtype=acc, device=idx.device)
+        for s, e, rows, m in _gathered_rows(idx, counts, W_dec):  # one gather, two dots
+            if need_val_a:
+                gva[s:e] = torch.where(m, torch.einsum("bkd,bd->bk", rows, ga[s:e]), zero)
+            if need_val_b:
+                gvb[s:e] = torch.where(m, torch.einsum("bkd,bd->bk", rows, gb[s:e]), zero)
+    grad_W = torch.empty(0, dtype=W_dec.dtype, device=idx.device)
+    if need_W_dec:
+        if W_from_b:  # both paths as one scatter over the stacked rows [grad_a; grad_b]
+            S = _coo(torch.cat([idx, idx]), torch.cat([counts, counts]),
+                     torch.cat([val_a, val_b]), W_dec.shape[0])
+            grad_W = torch.sparse.mm(S.t(), torch.cat([ga, gb])).to(W_dec.dtype)
+        else:
+            grad_W = torch.sparse.mm(_coo(idx, counts, val_a, W_dec.shape[0]).t(),
+                                     ga).to(W_dec.dtype)
+    return gva, gvb, grad_W

@@ -1,12 +1,13 @@
 """Triton kernels of gsae_fast, installed as ``gsae_fast.kernels``: the ``"triton"`` executor.
 
-Four functions with the kernel contract of gsae_fast.torch_executor (the custom ops in
+The functions with the kernel contract of gsae_fast.torch_executor (the custom ops in
 gsae_fast.ops call them when ``backend="triton"``):
 
 - :func:`gated_encode` (gated_encode.py): one GEMM with the gate/magnitude epilogue and
   compaction to the padded-row sparse format;
 - :func:`sparse_decode`, :func:`sparse_decode_backward` (sparse_decode.py): gather-sum of W_dec
-  rows and its backward;
+  rows and its backward; :func:`sparse_decode_pair` and its backward: two value sets over the
+  same slots (x_hat and the aux reconstruction) from one gather of each row;
 - :func:`gated_encode_backward` (gated_encode_backward.py): the encoder gradients from the sparse
   slots, grouped by feature (_common.py).
 
@@ -19,7 +20,8 @@ import triton
 from ._common import INTERPRET, SCATTER_MODES, scatter_mode, set_scatter  # noqa: F401
 from .gated_encode import gated_encode  # noqa: F401
 from .gated_encode_backward import gated_encode_backward  # noqa: F401
-from .sparse_decode import sparse_decode, sparse_decode_backward  # noqa: F401
+from .sparse_decode import (sparse_decode, sparse_decode_backward,  # noqa: F401
+                            sparse_decode_pair, sparse_decode_pair_backward)
 
 # Before triton 3.5, tl.atomic_add handed its old value only to one of the threads holding a
 # replicated element (triton-lang/triton#7402); the encode reserves its slots with an atomic on

@@ -90,6 +90,15 @@ def cases(dt: str):
            dict(grad_ptr=f"*{dt}", idx_ptr="*i32", counts_ptr="*i32", w_ptr=f"*{dt}",
                 out_ptr=f"*{a}", K="i32", d_in="i32"),
            dict(ACC=acc), configs(dec._sparse_dot_kernel))
+    yield ("sparse_decode_pair", dec._sparse_decode_pair_kernel.fn,
+           dict(idx_ptr="*i32", va_ptr=f"*{a}", vb_ptr=f"*{a}", counts_ptr="*i32",
+                w_ptr=f"*{dt}", bias_ptr=f"*{dt}", out_a_ptr=f"*{dt}", out_b_ptr=f"*{dt}",
+                K="i32", d_in="i32"),
+           dict(HAS_BIAS=True, ACC=acc), configs(dec._sparse_decode_pair_kernel))
+    yield ("sparse_dot_pair", dec._sparse_dot_pair_kernel.fn,
+           dict(ga_ptr=f"*{dt}", gb_ptr=f"*{dt}", idx_ptr="*i32", counts_ptr="*i32",
+                w_ptr=f"*{dt}", out_a_ptr=f"*{a}", out_b_ptr=f"*{a}", K="i32", d_in="i32"),
+           dict(ACC=acc), configs(dec._sparse_dot_pair_kernel))
     yield ("scatter_atomic", dec._scatter_atomic_kernel,
            dict(grad_ptr=f"*{dt}", idx_ptr="*i32", val_ptr=f"*{a}", counts_ptr="*i32",
                 out_ptr=f"*{a}", K="i32", d_in="i32"),

@@ -111,6 +111,162 @@ void decode_backward_impl(const at::Tensor& go_t, const at::Tensor& idx_t, const
   }
 }
 
+// The pair decode (x_hat and the auxiliary reconstruction of the Gated SAE loss): each used row
+// of W_dec is read once for both outputs (two accumulators), and once in the backward for both
+// value gradients (two dot products). Each output's sums run in the order of decode_impl.
+template <typename scalar_t, typename acc_t>
+void decode_pair_impl(const at::Tensor& idx_t, const at::Tensor& va_t, const at::Tensor& vb_t,
+                      const at::Tensor& counts_t, const at::Tensor& W_dec, const scalar_t* bias,
+                      at::Tensor& out_a_t, at::Tensor& out_b_t) {
+  const char* op = "gsae_fast.sparse_decode_pair";
+  const int64_t B = idx_t.size(0), K = idx_t.size(1), d_sae = W_dec.size(0), d_in = W_dec.size(1);
+  const int32_t* idx = idx_t.data_ptr<int32_t>();
+  const int32_t* counts = counts_t.data_ptr<int32_t>();
+  const acc_t* va = va_t.data_ptr<acc_t>();
+  const acc_t* vb = vb_t.data_ptr<acc_t>();
+  const scalar_t* W = W_dec.data_ptr<scalar_t>();
+  scalar_t* out_a = out_a_t.data_ptr<scalar_t>();
+  scalar_t* out_b = out_b_t.data_ptr<scalar_t>();
+  at::parallel_for(0, B, 16, [&](int64_t t0, int64_t t1) {
+    std::vector<acc_t> acc_a(d_in), acc_b(d_in);
+    for (int64_t t = t0; t < t1; ++t) {
+      for (int64_t d = 0; d < d_in; ++d)
+        acc_a[d] = acc_b[d] = bias ? static_cast<acc_t>(bias[d]) : acc_t(0);
+      const int64_t c = counts[t];
+      TORCH_CHECK(c >= 0 && c <= K, op, ": counts[", t, "] = ", c, " is outside [0, ", K, "]");
+      for (int64_t k = 0; k < c; ++k) {
+        const int64_t i = idx[t * K + k];
+        TORCH_CHECK(i >= 0 && i < d_sae, op, ": feature index ", i, " is outside [0, ", d_sae,
+                    ")");
+        const acc_t a = va[t * K + k], b = vb[t * K + k];
+        const scalar_t* row = W + i * d_in;
+        acc_t* __restrict__ pa = acc_a.data();
+        acc_t* __restrict__ pb = acc_b.data();
+        for (int64_t d = 0; d < d_in; ++d) {
+          const acc_t w = static_cast<acc_t>(row[d]);
+          pa[d] += a * w;
+          pb[d] += b * w;
+        }
+      }
+      scalar_t* oa = out_a + t * d_in;
+      scalar_t* ob = out_b + t * d_in;
+      for (int64_t d = 0; d < d_in; ++d) {
+        oa[d] = static_cast<scalar_t>(acc_a[d]);
+        ob[d] = static_cast<scalar_t>(acc_b[d]);
+      }
+    }
+  });
+}
+
+// grad_val_a/b[t, k] = grad_a/b_t . W_dec[idx[t, k]] (two dots per read of the row), and
+// grad_W_dec[i] = sum over the pairs of i of val_a grad_a_t (+ val_b grad_b_t when W_from_b).
+// With grad_W_dec wanted, one pass over the features does it all: row i of W_dec is read once,
+// and each of its pairs (t, k) reads the (cache-resident) gradient rows t for the two dots and
+// the two accumulations; so each used W_dec row is read once in the backward, whatever the
+// number of tokens that use it. Without it, the dots run token by token.
+template <typename scalar_t, typename acc_t>
+void decode_pair_backward_impl(const at::Tensor& ga_t, const at::Tensor& gb_t,
+                               const at::Tensor& idx_t, const at::Tensor& va_t,
+                               const at::Tensor& vb_t, const at::Tensor& counts_t,
+                               const at::Tensor& W_dec, bool need_a, bool need_b, bool need_W,
+                               bool W_from_b, at::Tensor& gva_t, at::Tensor& gvb_t,
+                               at::Tensor& gW_t) {
+  const char* op = "gsae_fast.sparse_decode_pair_backward";
+  const int64_t B = idx_t.size(0), K = idx_t.size(1), d_sae = W_dec.size(0), d_in = W_dec.size(1);
+  const int32_t* idx = idx_t.data_ptr<int32_t>();
+  const int32_t* counts = counts_t.data_ptr<int32_t>();
+  const acc_t* va = va_t.data_ptr<acc_t>();
+  const acc_t* vb = vb_t.data_ptr<acc_t>();
+  const scalar_t* W = W_dec.data_ptr<scalar_t>();
+  const scalar_t* ga = ga_t.data_ptr<scalar_t>();
+  const scalar_t* gb = gb_t.data_ptr<scalar_t>();
+  acc_t* gva = need_a ? gva_t.data_ptr<acc_t>() : nullptr;
+  acc_t* gvb = need_b ? gvb_t.data_ptr<acc_t>() : nullptr;
+  if (need_W) {
+    const FeatureGroups groups = group_by_feature(idx, counts, B, K, d_sae, op);
+    // Padding slots keep 0; every active slot is written by the pass below.
+    if (gva) std::fill(gva, gva + B * K, acc_t(0));
+    if (gvb) std::fill(gvb, gvb + B * K, acc_t(0));
+    scalar_t* gW = gW_t.data_ptr<scalar_t>();
+    at::parallel_for(0, d_sae, 64, [&](int64_t i0, int64_t i1) {
+      std::vector<acc_t> acc_a(d_in), acc_b(d_in), w(d_in);
+      for (int64_t i = i0; i < i1; ++i) {
+        std::fill(acc_a.begin(), acc_a.end(), acc_t(0));
+        std::fill(acc_b.begin(), acc_b.end(), acc_t(0));
+        const int64_t p0 = groups.col_ptr[i], p1 = groups.col_ptr[i + 1];
+        if (p0 < p1 && (gva || gvb)) {
+          const scalar_t* row = W + i * d_in;
+          for (int64_t d = 0; d < d_in; ++d) w[d] = static_cast<acc_t>(row[d]);
+        }
+        acc_t* __restrict__ pa = acc_a.data();
+        acc_t* __restrict__ pb = acc_b.data();
+        const acc_t* __restrict__ pw = w.data();
+        for (int64_t p = p0; p < p1; ++p) {
+          const int64_t e = groups.entries[p];
+          const scalar_t* g = ga + (e / K) * d_in;
+          const scalar_t* h = gb + (e / K) * d_in;
+          const acc_t a = va[e], b = W_from_b ? vb[e] : acc_t(0);
+          if (gva) {
+            acc_t dot = 0;
+#pragma omp simd reduction(+ : dot)
+            for (int64_t d = 0; d < d_in; ++d) dot += static_cast<acc_t>(g[d]) * pw[d];
+            gva[e] = dot;
+          }
+          if (gvb) {
+            acc_t dot = 0;
+#pragma omp simd reduction(+ : dot)
+            for (int64_t d = 0; d < d_in; ++d) dot += static_cast<acc_t>(h[d]) * pw[d];
+            gvb[e] = dot;
+          }
+          for (int64_t d = 0; d < d_in; ++d) pa[d] += a * static_cast<acc_t>(g[d]);
+          if (W_from_b)
+            for (int64_t d = 0; d < d_in; ++d) pb[d] += b * static_cast<acc_t>(h[d]);
+        }
+        scalar_t* o = gW + i * d_in;
+        if (W_from_b) {  // each path rounded to the storage dtype, then added (as two backwards)
+          for (int64_t d = 0; d < d_in; ++d)
+            o[d] = static_cast<scalar_t>(static_cast<scalar_t>(acc_a[d]) +
+                                         static_cast<scalar_t>(acc_b[d]));
+        } else {
+          for (int64_t d = 0; d < d_in; ++d) o[d] = static_cast<scalar_t>(acc_a[d]);
+        }
+      }
+    });
+    return;
+  }
+  if (!need_a && !need_b) return;
+  at::parallel_for(0, B, 16, [&](int64_t t0, int64_t t1) {
+    std::vector<acc_t> g_a(d_in), g_b(d_in);  // the output gradients widened once per row
+    for (int64_t t = t0; t < t1; ++t) {
+      for (int64_t d = 0; d < d_in; ++d) {
+        g_a[d] = need_a ? static_cast<acc_t>(ga[t * d_in + d]) : acc_t(0);
+        g_b[d] = need_b ? static_cast<acc_t>(gb[t * d_in + d]) : acc_t(0);
+      }
+      const int64_t c = counts[t];
+      TORCH_CHECK(c >= 0 && c <= K, op, ": counts[", t, "] = ", c, " is outside [0, ", K, "]");
+      const acc_t* pa = g_a.data();
+      const acc_t* pb = g_b.data();
+      for (int64_t k = 0; k < K; ++k) {
+        acc_t dot_a = 0, dot_b = 0;
+        if (k < c) {
+          const int64_t i = idx[t * K + k];
+          TORCH_CHECK(i >= 0 && i < d_sae, op, ": feature index ", i, " is outside [0, ", d_sae,
+                      ")");
+          const scalar_t* row = W + i * d_in;
+#pragma omp simd reduction(+ : dot_a, dot_b)
+          for (int64_t d = 0; d < d_in; ++d) {
+            const acc_t w = static_cast<acc_t>(row[d]);
+            dot_a += pa[d] * w;
+            dot_b += pb[d] * w;
+          }
+        }
+        if (gva) gva[t * K + k] = dot_a;
+        if (gvb) gvb[t * K + k] = dot_b;
+      }
+    }
+  });
+}
+
 }  // namespace
 
 at::Tensor sparse_decode_cpu(const at::Tensor& idx, const at::Tensor& val,
@@ -154,6 +310,62 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_backward_cpu(
                                                                need_val, need_W_dec, gval, gW);
   });
   return {gval, gW};
+}
+
+}  // namespace gsae_fast
+
+namespace gsae_fast {
+
+std::tuple<at::Tensor, at::Tensor> sparse_decode_pair_cpu(
+    const at::Tensor& idx, const at::Tensor& val_a, const at::Tensor& val_b,
+    const at::Tensor& counts, const at::Tensor& W_dec, const std::optional<at::Tensor>& bias) {
+  const char* op = "gsae_fast.sparse_decode_pair";
+  at::AutoDispatchBelowADInplaceOrView guard;
+  check_decode_inputs(idx, val_a, counts, W_dec, op);
+  check_decode_inputs(idx, val_b, counts, W_dec, op);
+  const int64_t B = idx.size(0), d_in = W_dec.size(1);
+  if (bias) {
+    check_cpu_contiguous(*bias, op, "bias");
+    check_vector(*bias, d_in, W_dec.scalar_type(), op, "bias");
+  }
+  at::Tensor out_a = at::empty({B, d_in}, W_dec.options());
+  at::Tensor out_b = at::empty({B, d_in}, W_dec.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, W_dec.scalar_type(),
+                                  "sparse_decode_pair_cpu", [&] {
+    decode_pair_impl<scalar_t, at::opmath_type<scalar_t>>(
+        idx, val_a, val_b, counts, W_dec, bias ? bias->data_ptr<scalar_t>() : nullptr, out_a,
+        out_b);
+  });
+  return {out_a, out_b};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_decode_pair_backward_cpu(
+    const at::Tensor& grad_a, const at::Tensor& grad_b, const at::Tensor& idx,
+    const at::Tensor& val_a, const at::Tensor& val_b, const at::Tensor& counts,
+    const at::Tensor& W_dec, bool need_val_a, bool need_val_b, bool need_W_dec, bool W_from_b) {
+  const char* op = "gsae_fast.sparse_decode_pair_backward";
+  at::AutoDispatchBelowADInplaceOrView guard;
+  check_decode_inputs(idx, val_a, counts, W_dec, op);
+  check_decode_inputs(idx, val_b, counts, W_dec, op);
+  for (auto [t, name] : {std::pair{&grad_a, "grad_a"}, {&grad_b, "grad_b"}}) {
+    check_cpu_contiguous(*t, op, name);
+    TORCH_CHECK(t->dim() == 2 && t->size(0) == idx.size(0) && t->size(1) == W_dec.size(1), op,
+                ": ", name, " must be [B, d_in]");
+    TORCH_CHECK(t->scalar_type() == W_dec.scalar_type(), op, ": ", name,
+                " must have the dtype of W_dec");
+  }
+  auto empty_v = [&] { return at::empty({0}, val_a.options()); };
+  at::Tensor gva = need_val_a ? at::empty(idx.sizes(), val_a.options()) : empty_v();
+  at::Tensor gvb = need_val_b ? at::empty(idx.sizes(), val_b.options()) : empty_v();
+  at::Tensor gW = need_W_dec ? at::empty(W_dec.sizes(), W_dec.options())
+                             : at::empty({0}, W_dec.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, W_dec.scalar_type(),
+                                  "sparse_decode_pair_backward_cpu", [&] {
+    decode_pair_backward_impl<scalar_t, at::opmath_type<scalar_t>>(
+        grad_a, grad_b, idx, val_a, val_b, counts, W_dec, need_val_a, need_val_b, need_W_dec,
+        W_from_b, gva, gvb, gW);
+  });
+  return {gva, gvb, gW};
 }
 
 }  // namespace gsae_fast

@@ -82,6 +82,65 @@ __global__ void slot_dot_kernel(const A* __restrict__ g, const int32_t* __restri
   if (lane == 0) grad_val[slot] = acc;
 }
 
+// The pair decode: out_a / out_b = sum_k val_a / val_b[b, k] * W[idx[b, k], c] (+ bias[c]) over
+// the same slots; each W element is loaded once for both accumulators (the same sums, in the
+// same order, as two decode_kernel launches).
+template <typename T, typename A>
+__global__ void decode_pair_kernel(const int32_t* __restrict__ idx, const A* __restrict__ val_a,
+                                   const A* __restrict__ val_b,
+                                   const int32_t* __restrict__ counts, const T* __restrict__ W,
+                                   const A* __restrict__ bias, T* __restrict__ out_a,
+                                   T* __restrict__ out_b, int64_t K, int64_t d_in,
+                                   int64_t cols_per_block) {
+  const int64_t b = blockIdx.x;
+  const int64_t c0 = blockIdx.y * cols_per_block;
+  const int64_t c1 = min(c0 + cols_per_block, d_in);
+  const int64_t n = min(static_cast<int64_t>(counts[b]), K);
+  for (int64_t c = c0 + threadIdx.x; c < c1; c += blockDim.x) {
+    A acc_a = bias != nullptr ? bias[c] : A(0);
+    A acc_b = acc_a;
+    for (int64_t k = 0; k < n; ++k) {
+      const int64_t i = idx[b * K + k];
+      const A w = load<T, A>(W + i * d_in + c);
+      acc_a += val_a[b * K + k] * w;
+      acc_b += val_b[b * K + k] * w;
+    }
+    out_a[b * d_in + c] = store<T, A>(acc_a);
+    out_b[b * d_in + c] = store<T, A>(acc_b);
+  }
+}
+
+// grad_a / grad_b[b, k] = W[idx[b, k]] . g_a / g_b[b] (0 on padding): one warp per slot, one read
+// of the row for both dots. A null output is skipped (its gradient is not wanted).
+template <typename T, typename A>
+__global__ void slot_dot_pair_kernel(const A* __restrict__ g_a, const A* __restrict__ g_b,
+                                     const int32_t* __restrict__ idx,
+                                     const int32_t* __restrict__ counts, const T* __restrict__ W,
+                                     A* __restrict__ grad_a, A* __restrict__ grad_b, int64_t B,
+                                     int64_t K, int64_t d_in) {
+  const int64_t slot = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const int lane = threadIdx.x % 32;
+  if (slot >= B * K) return;
+  const int64_t b = slot / K, k = slot % K;
+  A acc_a = 0, acc_b = 0;
+  if (k < counts[b]) {
+    const T* w = W + static_cast<int64_t>(idx[slot]) * d_in;
+    const A* ga = g_a + b * d_in;
+    const A* gb = g_b + b * d_in;
+    for (int64_t c = lane; c < d_in; c += 32) {
+      const A wc = load<T, A>(w + c);
+      acc_a += wc * ga[c];
+      acc_b += wc * gb[c];
+    }
+  }
+  acc_a = warp_sum(acc_a);
+  acc_b = warp_sum(acc_b);
+  if (lane == 0) {
+    if (grad_a != nullptr) grad_a[slot] = acc_a;
+    if (grad_b != nullptr) grad_b[slot] = acc_b;
+  }
+}
+
 // Deterministic grouped scatter: out[f, c] = sum_{p in [ptr[f], ptr[f+1])} vals[p] * src[rows[p], c],
 // the pairs of each feature in a fixed order (the host's stable sort). One block per feature
 // (empty ones return at once); per-feature sums of up to three value arrays ride along
@@ -189,6 +248,28 @@ void slot_dot_t(const void* g, const int32_t* idx, const int32_t* counts, const 
                 static_cast<A*>(grad_val), B, K, d_in);
 }
 
+template <typename T, typename A>
+void decode_pair_t(const int32_t* idx, const void* val_a, const void* val_b,
+                   const int32_t* counts, const void* W, const void* bias, void* out_a,
+                   void* out_b, int64_t B, int64_t K, int64_t d_in, cudaStream_t s) {
+  const int64_t cols = 1024;
+  dim3 grid(static_cast<unsigned>(B), static_cast<unsigned>((d_in + cols - 1) / cols));
+  launch_kernel("decode_pair_kernel", &decode_pair_kernel<T, A>, grid, dim3(256), 0, s, idx,
+                static_cast<const A*>(val_a), static_cast<const A*>(val_b), counts,
+                static_cast<const T*>(W), static_cast<const A*>(bias), static_cast<T*>(out_a),
+                static_cast<T*>(out_b), K, d_in, cols);
+}
+
+template <typename T, typename A>
+void slot_dot_pair_t(const void* g_a, const void* g_b, const int32_t* idx, const int32_t* counts,
+                     const void* W, void* grad_a, void* grad_b, int64_t B, int64_t K,
+                     int64_t d_in, cudaStream_t s) {
+  launch_kernel("slot_dot_pair_kernel", &slot_dot_pair_kernel<T, A>,
+                dim3(blocks_for(B * K * 32, 256)), dim3(256), 0, s, static_cast<const A*>(g_a),
+                static_cast<const A*>(g_b), idx, counts, static_cast<const T*>(W),
+                static_cast<A*>(grad_a), static_cast<A*>(grad_b), B, K, d_in);
+}
+
 }  // namespace
 
 #define GSAE_DISPATCH_W(dtype, ...)                                          \
@@ -211,6 +292,22 @@ void launch_slot_dot(DType dt, const void* g, const int32_t* idx, const int32_t*
                      cudaStream_t s) {
   if (B * K == 0) return;
   GSAE_DISPATCH_W(dt, (slot_dot_t<T, A>(g, idx, counts, W, grad_val, B, K, d_in, s)));
+}
+
+void launch_decode_pair(DType dt, const int32_t* idx, const void* val_a, const void* val_b,
+                        const int32_t* counts, const void* W, const void* bias, void* out_a,
+                        void* out_b, int64_t B, int64_t K, int64_t d_in, cudaStream_t s) {
+  if (B == 0 || d_in == 0) return;
+  GSAE_DISPATCH_W(dt, (decode_pair_t<T, A>(idx, val_a, val_b, counts, W, bias, out_a, out_b, B,
+                                           K, d_in, s)));
+}
+
+void launch_slot_dot_pair(DType dt, const void* g_a, const void* g_b, const int32_t* idx,
+                          const int32_t* counts, const void* W, void* grad_a, void* grad_b,
+                          int64_t B, int64_t K, int64_t d_in, cudaStream_t s) {
+  if (B * K == 0) return;
+  GSAE_DISPATCH_W(dt, (slot_dot_pair_t<T, A>(g_a, g_b, idx, counts, W, grad_a, grad_b, B, K,
+                                             d_in, s)));
 }
 
 void launch_segment_scatter(DType out_dt, const int64_t* ptr, const int64_t* rows,

@@ -28,6 +28,16 @@ void launch_decode(DType dt, const int32_t* idx, const void* val, const int32_t*
 void launch_slot_dot(DType dt, const void* g, const int32_t* idx, const int32_t* counts,
                      const void* W, void* grad_val, int64_t B, int64_t K, int64_t d_in,
                      cudaStream_t s);
+// The pair decode: out_a / out_b [B, d_in] (W's dtype) from val_a / val_b over the same slots,
+// one load of each W element for both.
+void launch_decode_pair(DType dt, const int32_t* idx, const void* val_a, const void* val_b,
+                        const int32_t* counts, const void* W, const void* bias, void* out_a,
+                        void* out_b, int64_t B, int64_t K, int64_t d_in, cudaStream_t s);
+// grad_a / grad_b [B, K] (A) = W[idx[b, k]] . g_a / g_b[b]; one read of each row for both dots;
+// a null grad_a / grad_b is not written (its g may be any valid [B, d_in] buffer).
+void launch_slot_dot_pair(DType dt, const void* g_a, const void* g_b, const int32_t* idx,
+                          const int32_t* counts, const void* W, void* grad_a, void* grad_b,
+                          int64_t B, int64_t K, int64_t d_in, cudaStream_t s);
 // out [d_sae, width] (A) = per feature f, sum over its pairs p (ptr[f] .. ptr[f+1], rows[p],
 // vals[p]) of vals[p] * src[rows[p]]; sums [n_extra, d_sae] = per-feature sums of the rows of
 // extra [n_extra, n_pairs]. Deterministic.

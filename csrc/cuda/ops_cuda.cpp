@@ -308,6 +308,100 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_backward_cuda(
   return {grad_val, grad_W};
 }
 
+// x_hat and the auxiliary reconstruction (two value sets over the same slots): one gather of each
+// used W_dec row for both outputs, and one for both value gradients in the backward.
+std::tuple<at::Tensor, at::Tensor> sparse_decode_pair_cuda(
+    const at::Tensor& idx, const at::Tensor& val_a, const at::Tensor& val_b,
+    const at::Tensor& counts, const at::Tensor& W_dec, const std::optional<at::Tensor>& bias) {
+  const char* op = GSAE_OP("sparse_decode_pair");
+  for (auto* t : {&idx, &val_a, &val_b, &counts, &W_dec}) check_cuda(*t, op, "input");
+  check_sparse(idx, counts, val_a, op);
+  check_sparse(idx, counts, val_b, op);
+  const auto acc = acc_of(W_dec.scalar_type());
+  TORCH_CHECK(val_a.scalar_type() == acc && val_b.scalar_type() == acc, op,
+              ": values must be ", acc);
+  TORCH_CHECK(W_dec.dim() == 2, op, ": W_dec must be [d_sae, d_in]");
+  const int64_t B = idx.size(0), K = idx.size(1), d_in = W_dec.size(1);
+  TORCH_CHECK(!bias.has_value() || bias->numel() == d_in, op, ": bias must be [d_in]");
+  const DeviceGuard guard(W_dec.device());
+  at::Tensor b;
+  if (bias.has_value()) {
+    check_cuda(*bias, op, "bias");
+    b = bias->to(acc).contiguous();
+  }
+  auto out_a = at::empty({B, d_in}, W_dec.options());
+  auto out_b = at::empty({B, d_in}, W_dec.options());
+  gsae_fast_cuda::launch_decode_pair(dtype_code(W_dec.scalar_type(), op), idx.data_ptr<int32_t>(),
+                                     val_a.data_ptr(), val_b.data_ptr(),
+                                     counts.data_ptr<int32_t>(), W_dec.data_ptr(),
+                                     b.defined() ? b.data_ptr() : nullptr, out_a.data_ptr(),
+                                     out_b.data_ptr(), B, K, d_in, current_stream());
+  check_launch(op);
+  return {out_a, out_b};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_decode_pair_backward_cuda(
+    const at::Tensor& grad_a, const at::Tensor& grad_b, const at::Tensor& idx,
+    const at::Tensor& val_a, const at::Tensor& val_b, const at::Tensor& counts,
+    const at::Tensor& W_dec, bool need_val_a, bool need_val_b, bool need_W_dec, bool W_from_b) {
+  const char* op = GSAE_OP("sparse_decode_pair_backward");
+  for (auto* t : {&grad_a, &grad_b, &idx, &val_a, &val_b, &counts, &W_dec})
+    check_cuda(*t, op, "input");
+  check_sparse(idx, counts, val_a, op);
+  check_sparse(idx, counts, val_b, op);
+  const auto acc = acc_of(W_dec.scalar_type());
+  const bool fp64 = acc == at::kDouble;
+  TORCH_CHECK(val_a.scalar_type() == acc && val_b.scalar_type() == acc, op,
+              ": values must be ", acc);
+  const int64_t B = idx.size(0), K = idx.size(1), d_sae = W_dec.size(0), d_in = W_dec.size(1);
+  for (auto* t : {&grad_a, &grad_b})
+    TORCH_CHECK(t->dim() == 2 && t->size(0) == B && t->size(1) == d_in, op,
+                ": grad_a and grad_b must be [B, d_in]");
+  const DeviceGuard guard(W_dec.device());
+  auto stream = current_stream();
+  auto ga = grad_a.to(acc).contiguous();
+  auto gb = grad_b.to(acc).contiguous();
+  const auto dt = dtype_code(W_dec.scalar_type(), op);
+  at::Tensor gva = need_val_a ? at::empty_like(val_a) : at::empty({0}, val_a.options());
+  at::Tensor gvb = need_val_b ? at::empty_like(val_b) : at::empty({0}, val_b.options());
+  if (need_val_a || need_val_b) {  // one read of each row, two dots
+    gsae_fast_cuda::launch_slot_dot_pair(dt, ga.data_ptr(), gb.data_ptr(),
+                                         idx.data_ptr<int32_t>(), counts.data_ptr<int32_t>(),
+                                         W_dec.data_ptr(), need_val_a ? gva.data_ptr() : nullptr,
+                                         need_val_b ? gvb.data_ptr() : nullptr, B, K, d_in,
+                                         stream);
+    check_launch(op);
+  }
+  at::Tensor grad_W = at::empty({0}, W_dec.options());
+  if (need_W_dec) {
+    // Both paths as one scatter over the stacked rows [grad_a; grad_b] (the pairs of the b path
+    // are those of the a path, B rows further on).
+    auto sidx = W_from_b ? at::cat({idx, idx}) : idx;
+    auto scounts = W_from_b ? at::cat({counts, counts}) : counts;
+    auto sval = W_from_b ? at::cat({val_a, val_b}).contiguous() : val_a;
+    auto src = W_from_b ? at::cat({ga, gb}).contiguous() : ga;
+    const int64_t rows = sidx.size(0);
+    at::Tensor out;
+    if (deterministic_scatter()) {
+      Groups gr = group_by_feature(sidx, scounts, d_sae);
+      auto vals = sval.flatten().index_select(0, gr.pos).contiguous();
+      out = at::empty({d_sae, d_in}, W_dec.options());
+      gsae_fast_cuda::launch_segment_scatter(dt, gr.ptr.data_ptr<int64_t>(),
+                                             gr.rows.data_ptr<int64_t>(), vals.data_ptr(),
+                                             src.data_ptr(), out.data_ptr(), d_sae, d_in,
+                                             nullptr, nullptr, 0, gr.pos.size(0), stream);
+    } else {
+      out = at::zeros({d_sae, d_in}, ga.options());
+      gsae_fast_cuda::launch_atomic_scatter(fp64, sidx.data_ptr<int32_t>(), sval.data_ptr(),
+                                            scounts.data_ptr<int32_t>(), src.data_ptr(),
+                                            out.data_ptr(), rows, K, d_in, stream);
+    }
+    check_launch(op);
+    grad_W = out.to(W_dec.scalar_type());
+  }
+  return {gva, gvb, grad_W};
+}
+
 }  // namespace GSAE_CUDA_VARIANT
 }  // namespace gsae_fast
 
@@ -317,5 +411,7 @@ TORCH_LIBRARY_IMPL(gsae_fast_C, CUDA, m) {
   m.impl("gated_encode_backward", &gsae_fast::gated_encode_backward_cuda);
   m.impl("sparse_decode", &gsae_fast::sparse_decode_cuda);
   m.impl("sparse_decode_backward", &gsae_fast::sparse_decode_backward_cuda);
+  m.impl("sparse_decode_pair", &gsae_fast::sparse_decode_pair_cuda);
+  m.impl("sparse_decode_pair_backward", &gsae_fast::sparse_decode_pair_backward_cuda);
 }
 #endif

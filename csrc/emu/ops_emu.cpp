@@ -39,4 +39,7 @@ TORCH_LIBRARY_IMPL(gsae_fast_emu, CPU, m) {
   m.impl("gated_encode_backward", &emu_memory::Guarded<&gated_encode_backward_cuda>::call);
   m.impl("sparse_decode", &emu_memory::Guarded<&sparse_decode_cuda>::call);
   m.impl("sparse_decode_backward", &emu_memory::Guarded<&sparse_decode_backward_cuda>::call);
+  m.impl("sparse_decode_pair", &emu_memory::Guarded<&sparse_decode_pair_cuda>::call);
+  m.impl("sparse_decode_pair_backward",
+         &emu_memory::Guarded<&sparse_decode_pair_backward_cuda>::call);
 }
