@@ -309,18 +309,12 @@ def gated_encode(x: Tensor, W_enc: Tensor, b_dec: Tensor, b_gate: Tensor, r_mag:
                       counts=counts.view(lead), d_sae=d_sae, max_count=max_count)
 
 
-def sparse_decode(acts: SparseActs, W_dec: Tensor, bias: Optional[Tensor] = None, *,
-                  values: str = "f", backend: str = "auto") -> Tensor:
-    """``acts @ W_dec + bias`` from sparse activations: ``[..., d_in]`` in W_dec's dtype.
-
-    ``values`` picks the activations to decode: ``"f"`` (the SAE output) or ``"pi_gate"``
-    (``relu(pi_gate)``, the auxiliary reconstruction of the Gated SAE loss).
-    """
-    op = "gsae_fast.sparse_decode"
+def _check_decoder(op: str, acts: SparseActs, W_dec: Tensor, bias: Optional[Tensor],
+                   backend: str):
+    """Types, shapes and devices of a decode of ``acts`` through ``W_dec [d_sae, d_in]`` (+ bias);
+    returns (the concrete backend, the leading dims, the capacity K, the number of rows)."""
     if not isinstance(acts, SparseActs):
         raise TypeError(f"{op}: acts must be SparseActs, got {type(acts).__name__}")
-    if values not in ("f", "pi_gate"):
-        raise ValueError(f"{op}: values must be 'f' or 'pi_gate', got {values!r}")
     tensors = dict(W_dec=W_dec) if bias is None else dict(W_dec=W_dec, bias=bias)
     _check_same(tensors, op)
     if W_dec.dim() != 2 or W_dec.shape[0] != acts.d_sae:
@@ -330,9 +324,22 @@ def sparse_decode(acts: SparseActs, W_dec: Tensor, bias: Optional[Tensor] = None
         _check_shape(bias, (W_dec.shape[1],), "bias", op)
     if acts.idx.device != W_dec.device:
         raise ValueError(f"{op}: acts are on {acts.idx.device} but W_dec is on {W_dec.device}")
-    be = backends.resolve(backend, W_dec.device)
-    lead, K = acts.counts.shape, acts.capacity
-    rows = acts.counts.numel()  # explicit: reshape(-1, 0) of an empty batch is ambiguous
+    # rows explicit: reshape(-1, 0) of an empty batch is ambiguous
+    return (backends.resolve(backend, W_dec.device), acts.counts.shape, acts.capacity,
+            acts.counts.numel())
+
+
+def sparse_decode(acts: SparseActs, W_dec: Tensor, bias: Optional[Tensor] = None, *,
+                  values: str = "f", backend: str = "auto") -> Tensor:
+    """``acts @ W_dec + bias`` from sparse activations: ``[..., d_in]`` in W_dec's dtype.
+
+    ``values`` picks the activations to decode: ``"f"`` (the SAE output) or ``"pi_gate"``
+    (``relu(pi_gate)``, the auxiliary reconstruction of the Gated SAE loss).
+    """
+    op = "gsae_fast.sparse_decode"
+    if values not in ("f", "pi_gate"):
+        raise ValueError(f"{op}: values must be 'f' or 'pi_gate', got {values!r}")
+    be, lead, K, rows = _check_decoder(op, acts, W_dec, bias, backend)
     val = getattr(acts, values).to(acc_dtype(W_dec.dtype)).reshape(rows, K).contiguous()
     out = _decode_op(acts.idx.reshape(rows, K).contiguous(), val, acts.counts.reshape(rows).contiguous(),
                      W_dec.contiguous(), None if bias is None else bias.contiguous(), be)
@@ -346,21 +353,7 @@ def sparse_decode_pair(acts: SparseActs, W_dec: Tensor, bias: Optional[Tensor] =
     reconstruction of the Gated SAE loss. ``grad_b=False`` stops the second output's gradient
     into W_dec and bias (aux="frozen"); it still reaches pi_gate.
     """
-    op = "gsae_fast.sparse_decode_pair"
-    if not isinstance(acts, SparseActs):
-        raise TypeError(f"{op}: acts must be SparseActs, got {type(acts).__name__}")
-    tensors = dict(W_dec=W_dec) if bias is None else dict(W_dec=W_dec, bias=bias)
-    _check_same(tensors, op)
-    if W_dec.dim() != 2 or W_dec.shape[0] != acts.d_sae:
-        raise ValueError(f"{op}: W_dec must be [d_sae={acts.d_sae}, d_in], got "
-                         f"{list(W_dec.shape)}")
-    if bias is not None:
-        _check_shape(bias, (W_dec.shape[1],), "bias", op)
-    if acts.idx.device != W_dec.device:
-        raise ValueError(f"{op}: acts are on {acts.idx.device} but W_dec is on {W_dec.device}")
-    be = backends.resolve(backend, W_dec.device)
-    lead, K = acts.counts.shape, acts.capacity
-    rows = acts.counts.numel()
+    be, lead, K, rows = _check_decoder("gsae_fast.sparse_decode_pair", acts, W_dec, bias, backend)
     acc = acc_dtype(W_dec.dtype)
     val_a = acts.f.to(acc).reshape(rows, K).contiguous()
     val_b = acts.pi_gate.to(acc).reshape(rows, K).contiguous()
