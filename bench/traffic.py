@@ -99,9 +99,11 @@ def step_ops(B: int, d_in: int, d_sae: int, l0: float, s: int = 2, K: int = None
            note="W_dec rows: the one forward read"),
         Op("aux decode fwd (relu(pi_gate) @ W_dec' + b_dec')", 2.0 * P * d_in,
            min_bytes=P * A + X + d_in * s,
-           triton_bytes=rows + nd * P * (I4 + A) + X + B * d_in * s,
-           cuda_bytes=rows + nd * P * (I4 + A) + X + B * d_in * s,
-           row_passes=(0, 1), note="min: the same rows as the x_hat decode (one kernel)"),
+           # the pair kernel (sparse_decode_pair): the rows and indices the x_hat decode reads
+           # serve both accumulators; only the second values and output are extra
+           triton_bytes=nd * P * A + B * d_in * s,
+           cuda_bytes=nd * P * A + B * d_in * s,
+           row_passes=(0, 0), note="one kernel with the x_hat decode (sparse_decode_pair)"),
         Op("decode bwd: value grad (grad f = grad_out . W_dec[idx])", 2.0 * P * d_in,
            min_bytes=rows + P * (I4 + A) + X,
            # grad_val zeroed and stored on every slot; grad_out row re-read per slot block
@@ -119,9 +121,11 @@ def step_ops(B: int, d_in: int, d_sae: int, l0: float, s: int = 2, K: int = None
            note="a grad_out row per pair (min: from L2); cuda: fp32 rows"),
         Op("aux decode bwd: value grad (grad relu(pi_gate))", 2.0 * P * d_in,
            min_bytes=P * A + X,
-           triton_bytes=rows + P * I4 + math.ceil(K / TRITON_DOT_BS) * X + 2 * BK * A,
-           cuda_bytes=rows + P * I4 + X + B * d_in * A + P * d_in * A + BK * A,
-           row_passes=(0, 1), note="min: two dots per row read by the value grad above"),
+           # the pair kernel: a second dot per row the value grad above reads; extra are the
+           # second gradient's rows and the second output
+           triton_bytes=math.ceil(K / TRITON_DOT_BS) * X + 2 * BK * A,
+           cuda_bytes=X + B * d_in * A + P * d_in * A + BK * A,
+           row_passes=(0, 0), note="two dots per row read by the value grad above (one kernel)"),
         Op("encode bwd: grad W_enc, bias grads, grad b_dec", 2.0 * P * d_in + 2.0 * W / s,
            min_bytes=X + P * (I4 + 4 * A) + W + W + 4 * V + 3 * V,
            triton_bytes=BK * (PROLOGUE_BYTES_PER_SLOT + SORT_BYTES_PER_SLOT) + rows
@@ -307,7 +311,7 @@ def markdown(commit: str) -> str:
         "rates; 'triton us' is the same for the Triton executor's counted bytes (and its "
         "one-hot scatter flops). Symbols and what each column counts: the module docstring.",
         "", f"d_in-rows gathered per active pair per step: {rimpl} today (W_dec in the x_hat "
-        "decode, the aux decode and both value gradients; grad_out in grad W_dec; x in grad "
+        "decode and the value gradient, each shared with the aux term by the pair kernels; grad_out in grad W_dec; x in grad "
         f"W_enc), {rmin} at the floor (each used W_dec row once forward, once backward).",
         table(), "", "## The dense switch (gsae_fast.dense_switch.dense_switch_model, bf16, d_in = "
         f"{dense_switch.MODEL_D_IN})", "",

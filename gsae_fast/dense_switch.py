@@ -21,9 +21,10 @@ import torch
 #      type) or "cuda=0.02,cpu=0.2" (per device type);
 #   3. the default: CPU (and any device type without a model) DENSE_SWITCH_FRACTION, measured;
 #      CUDA: dense_switch_model(...) for the device's roofline (DEVICE_ROOFLINES), computed.
-# DENSE_SWITCH_FRACTION, from bench/results/step_cpu.md (bench/NOTES.md, "dense switch"): at mean
-# L0 = d_sae / 8 (largest row 0.147 d_sae, capacity 0.185 d_sae) the sparse step (777 ms) and
-# the dense one (797 ms) cost the same on 2 CPU cores; above, dense wins. (Change it with
+# DENSE_SWITCH_FRACTION, from bench/results/step_cpu.md at 2222b28 (bench/NOTES.md, "dense
+# switch"): at mean L0 = d_sae / 8 (largest row 0.147 d_sae, capacity 0.185 d_sae) the sparse
+# step (777 ms) and the dense one (797 ms) cost the same on 2 CPU cores then (with the pair decode
+# the sparse step is faster there now: NOTES.md section 6; not yet re-measured). (Change it with
 # set_dense_switch(fraction, "cpu"), not by assignment.)
 DENSE_SWITCH_FRACTION = 0.2
 DENSE_SWITCH_ENV = "GSAE_FAST_DENSE_SWITCH"
@@ -89,12 +90,13 @@ DENSE_GEMMS = 8
 # matmuls excluded): counted from reference.gated_sae_loss by bench/traffic.py
 # (dense_elementwise_bytes; checked by tests/test_traffic.py).
 DENSE_ELEMENTWISE_BYTES = 81.0
-# Whole d_in-rows gathered per active (token, feature) pair in today's sparse step: W_dec in
-# the x_hat decode, the aux decode and their two value gradients (4), the grad_out row in grad
-# W_dec and the x row in grad W_enc (2). bench/traffic.py counts them from the kernels' loops.
-SPARSE_ROW_PASSES = 6
+# Whole d_in-rows gathered per active (token, feature) pair in today's sparse step: W_dec once
+# in the pair decode (x_hat and the aux reconstruction) and once in its backward (both value
+# gradients) (2), the grad_out row in grad W_dec and the x row in grad W_enc (2).
+# bench/traffic.py counts them from the kernels' loops.
+SPARSE_ROW_PASSES = 4
 # The capacity the loss is handed (ops.next_capacity of the last batch's largest row) over the
-# mean L0: 1.25 headroom x largest row / mean (0.147 / 0.125 = 1.18 in bench/results/step_cpu.md).
+# mean L0: 1.25 headroom x largest row / mean (0.147 / 0.125 = 1.18 in bench/results/step_cpu.md at 2222b28).
 CAPACITY_OVER_L0 = 1.25 * 0.147 / 0.125
 # d_in the per-device default is computed for (the headline shape, d_in = 2304).
 MODEL_D_IN = 2304
