@@ -17,6 +17,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
 #include <tuple>
 
 #include "cuda/kernels.h"
@@ -235,23 +236,34 @@ gated_encode_backward_cuda(const at::Tensor& x, const at::Tensor& W_enc, const a
           (er * sums[2]).to(dt), sums[1].to(dt, false, true)};
 }
 
+namespace {
+// The checks of a decode of value sets `vals` (one, or the pair's two) through W_dec, and its bias
+// in the accumulation dtype (undefined without one).
+at::Tensor check_decode(const char* op, const at::Tensor& idx, const at::Tensor& counts,
+                        std::initializer_list<const at::Tensor*> vals, const at::Tensor& W_dec,
+                        const std::optional<at::Tensor>& bias) {
+  for (auto* t : {&idx, &counts, &W_dec}) check_cuda(*t, op, "input");
+  const auto acc = acc_of(W_dec.scalar_type());
+  for (auto* v : vals) {
+    check_cuda(*v, op, "values");
+    check_sparse(idx, counts, *v, op);
+    TORCH_CHECK(v->scalar_type() == acc, op, ": values must be ", acc);
+  }
+  TORCH_CHECK(W_dec.dim() == 2, op, ": W_dec must be [d_sae, d_in]");
+  TORCH_CHECK(!bias.has_value() || bias->numel() == W_dec.size(1), op, ": bias must be [d_in]");
+  if (!bias.has_value()) return at::Tensor();
+  check_cuda(*bias, op, "bias");
+  return bias->to(acc).contiguous();
+}
+}  // namespace
+
 at::Tensor sparse_decode_cuda(const at::Tensor& idx, const at::Tensor& val,
                               const at::Tensor& counts, const at::Tensor& W_dec,
                               const std::optional<at::Tensor>& bias) {
   const char* op = GSAE_OP("sparse_decode");
-  for (auto* t : {&idx, &val, &counts, &W_dec}) check_cuda(*t, op, "input");
-  check_sparse(idx, counts, val, op);
-  const auto acc = acc_of(W_dec.scalar_type());
-  TORCH_CHECK(val.scalar_type() == acc, op, ": values must be ", acc);
-  TORCH_CHECK(W_dec.dim() == 2, op, ": W_dec must be [d_sae, d_in]");
-  const int64_t B = idx.size(0), K = idx.size(1), d_in = W_dec.size(1);
-  TORCH_CHECK(!bias.has_value() || bias->numel() == d_in, op, ": bias must be [d_in]");
+  const at::Tensor b = check_decode(op, idx, counts, {&val}, W_dec, bias);
   const DeviceGuard guard(W_dec.device());
-  at::Tensor b;
-  if (bias.has_value()) {
-    check_cuda(*bias, op, "bias");
-    b = bias->to(acc).contiguous();
-  }
+  const int64_t B = idx.size(0), K = idx.size(1), d_in = W_dec.size(1);
   auto out = at::empty({B, d_in}, W_dec.options());
   gsae_fast_cuda::launch_decode(dtype_code(W_dec.scalar_type(), op), idx.data_ptr<int32_t>(),
                                 val.data_ptr(), counts.data_ptr<int32_t>(), W_dec.data_ptr(),
@@ -314,21 +326,9 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_pair_cuda(
     const at::Tensor& idx, const at::Tensor& val_a, const at::Tensor& val_b,
     const at::Tensor& counts, const at::Tensor& W_dec, const std::optional<at::Tensor>& bias) {
   const char* op = GSAE_OP("sparse_decode_pair");
-  for (auto* t : {&idx, &val_a, &val_b, &counts, &W_dec}) check_cuda(*t, op, "input");
-  check_sparse(idx, counts, val_a, op);
-  check_sparse(idx, counts, val_b, op);
-  const auto acc = acc_of(W_dec.scalar_type());
-  TORCH_CHECK(val_a.scalar_type() == acc && val_b.scalar_type() == acc, op,
-              ": values must be ", acc);
-  TORCH_CHECK(W_dec.dim() == 2, op, ": W_dec must be [d_sae, d_in]");
-  const int64_t B = idx.size(0), K = idx.size(1), d_in = W_dec.size(1);
-  TORCH_CHECK(!bias.has_value() || bias->numel() == d_in, op, ": bias must be [d_in]");
+  const at::Tensor b = check_decode(op, idx, counts, {&val_a, &val_b}, W_dec, bias);
   const DeviceGuard guard(W_dec.device());
-  at::Tensor b;
-  if (bias.has_value()) {
-    check_cuda(*bias, op, "bias");
-    b = bias->to(acc).contiguous();
-  }
+  const int64_t B = idx.size(0), K = idx.size(1), d_in = W_dec.size(1);
   auto out_a = at::empty({B, d_in}, W_dec.options());
   auto out_b = at::empty({B, d_in}, W_dec.options());
   gsae_fast_cuda::launch_decode_pair(dtype_code(W_dec.scalar_type(), op), idx.data_ptr<int32_t>(),
