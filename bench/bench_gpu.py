@@ -107,16 +107,11 @@ def copy_bandwidth_gbs(device, repeats):
 
 
 def set_scatter(be, mode):
-    """Pick how grad W_dec is scattered ("grouped" or "atomic"); returns the previous mode.
-    Triton: kernels.set_scatter; cuda: GSAE_FAST_SCATTER, read by the C++ at each call."""
-    if be == "triton":
-        from gsae_fast import kernels
-        before = kernels.scatter_mode()
-        kernels.set_scatter(mode)
-        return before
-    before = os.environ.pop("GSAE_FAST_SCATTER", None)
-    if mode is not None:
-        os.environ["GSAE_FAST_SCATTER"] = mode
+    """Pick how grad W_dec is scattered ("grouped" or "atomic", one setting for every
+    executor); returns the previous override (None: none)."""
+    from gsae_fast import backends
+    before = backends._scatter_override
+    backends.set_scatter(mode)
     return before
 
 

@@ -15,32 +15,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_enc
     const at::Tensor& x, const at::Tensor& W_enc, const at::Tensor& b_dec,
     const at::Tensor& b_gate, const at::Tensor& r_mag, const at::Tensor& b_mag,
     int64_t capacity);
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-gated_encode_backward_cpu(const at::Tensor& x, const at::Tensor& W_enc, const at::Tensor& b_dec,
-                          const at::Tensor& b_gate, const at::Tensor& r_mag,
-                          const at::Tensor& b_mag, const at::Tensor& idx, const at::Tensor& f,
-                          const at::Tensor& pi_gate, const at::Tensor& counts,
-                          const at::Tensor& grad_f, const at::Tensor& grad_pi_gate, bool need_x);
+std::tuple<at::Tensor, at::Tensor> encode_grad_scatter_cpu(const at::Tensor& x,
+                                                           const at::Tensor& b_dec,
+                                                           const at::Tensor& idx,
+                                                           const at::Tensor& counts,
+                                                           const at::Tensor& per_slot,
+                                                           int64_t d_sae);
 at::Tensor sparse_decode_cpu(const at::Tensor& idx, const at::Tensor& val,
                              const at::Tensor& counts, const at::Tensor& W_dec,
                              const std::optional<at::Tensor>& bias);
 std::tuple<at::Tensor, at::Tensor> sparse_decode_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& idx, const at::Tensor& val,
-    const at::Tensor& counts, const at::Tensor& W_dec, bool need_val, bool need_W_dec);
+    const at::Tensor& counts, const at::Tensor& W_dec, bool need_val, bool need_W_dec,
+    bool deterministic);
 std::tuple<at::Tensor, at::Tensor> sparse_decode_pair_cpu(
     const at::Tensor& idx, const at::Tensor& val_a, const at::Tensor& val_b,
     const at::Tensor& counts, const at::Tensor& W_dec, const std::optional<at::Tensor>& bias);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_decode_pair_backward_cpu(
     const at::Tensor& grad_a, const at::Tensor& grad_b, const at::Tensor& idx,
     const at::Tensor& val_a, const at::Tensor& val_b, const at::Tensor& counts,
-    const at::Tensor& W_dec, bool need_val_a, bool need_val_b, bool need_W_dec, bool W_from_b);
+    const at::Tensor& W_dec, bool need_val_a, bool need_val_b, bool need_W_dec, bool W_from_b,
+    bool deterministic);
 }  // namespace gsae_fast
 
 TORCH_LIBRARY(gsae_fast_C, m) { gsae_fast::define_kernel_ops(m); }
 
 TORCH_LIBRARY_IMPL(gsae_fast_C, CPU, m) {
   m.impl("gated_encode", &gsae_fast::gated_encode_cpu);
-  m.impl("gated_encode_backward", &gsae_fast::gated_encode_backward_cpu);
+  m.impl("encode_grad_scatter", &gsae_fast::encode_grad_scatter_cpu);
   m.impl("sparse_decode", &gsae_fast::sparse_decode_cpu);
   m.impl("sparse_decode_backward", &gsae_fast::sparse_decode_backward_cpu);
   m.impl("sparse_decode_pair", &gsae_fast::sparse_decode_pair_cpu);

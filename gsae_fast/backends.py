@@ -129,3 +129,45 @@ def executor(backend: str):
         return _triton_kernels()  # resolve() has checked that it is ready
     raise ValueError(f"unknown backend {backend!r}")
 
+
+
+# --------------------------------------------------------------------------------------------
+# How the GPU executors scatter the decoder gradient: one setting for every executor.
+# --------------------------------------------------------------------------------------------
+
+SCATTER_MODES = ("auto", "grouped", "atomic")
+_scatter_override: Optional[str] = None
+
+
+def _check_scatter(mode: str, where: str) -> str:
+    if mode not in SCATTER_MODES:
+        raise ValueError(f"{where} must be one of {SCATTER_MODES}, got {mode!r}")
+    return mode
+
+
+def set_scatter(mode: Optional[str]) -> None:
+    """Choose how ``grad W_dec`` is scattered on the GPU executors (Triton, CUDA):
+
+    - ``"grouped"``: the active pairs sorted by feature, one program per output tile, added in a
+      fixed order: bitwise reproducible;
+    - ``"atomic"``: fp32 atomic adds in arrival order: no sort, faster, the last bits vary from
+      run to run;
+    - ``"auto"`` (the default): grouped under ``torch.use_deterministic_algorithms(True)``,
+      atomic otherwise.
+
+    Deterministic mode always gets the grouped scatter. ``None`` drops the override and goes back
+    to the environment variable ``GSAE_FAST_SCATTER`` (read at every call; default ``"auto"``).
+    The CPU executors always group (reproducible, and on a CPU the fastest); every encoder
+    gradient is grouped (it is written straight in the weights' dtype, no fp32 staging copy)."""
+    global _scatter_override
+    _scatter_override = None if mode is None else _check_scatter(mode, "scatter mode")
+
+
+def deterministic_scatter() -> bool:
+    """Whether the decoder gradient is to be scattered in a fixed order (see set_scatter).
+    The op layer asks once per call and passes the answer to the executor."""
+    if torch.are_deterministic_algorithms_enabled():
+        return True
+    mode = _scatter_override or _check_scatter(os.environ.get("GSAE_FAST_SCATTER", "auto"),
+                                               "GSAE_FAST_SCATTER")
+    return mode == "grouped"

@@ -3,11 +3,14 @@ training loss, with autograd, on any executor (see gsae_fast.backends).
 
 Three layers, each in one place:
 
-1. torch custom ops ``gsae_fast::gated_encode``, ``gsae_fast::gated_encode_backward``,
+1. torch custom ops ``gsae_fast::gated_encode``, ``gsae_fast::encode_grad_scatter``,
    ``gsae_fast::sparse_decode``, ``gsae_fast::sparse_decode_backward``,
    ``gsae_fast::sparse_decode_pair``, ``gsae_fast::sparse_decode_pair_backward``: fixed-shape,
    functional, with fake kernels (torch.compile, opcheck) and autograd; a ``backend`` argument
-   names the executor that runs them.
+   names the executor that runs them. The backward math is written here, once (the encoder's
+   per-slot and per-feature steps, the bias gradients); executors run only the reductions that
+   need a kernel (the grouped or atomic scatters, the gathers and the sparse products), and
+   which scatter the decoder gradient takes is one setting (backends.set_scatter).
 2. Python wrappers (:func:`gated_encode`, :func:`sparse_decode`): input checks, leading batch
    dims, and the capacity protocol: the encode op reports the true per-row counts, and an
    overflow is re-run with the exact capacity, so no active feature is ever dropped.
@@ -24,7 +27,7 @@ from torch import Tensor
 
 from . import backends
 from . import reference
-from .types import GatedLoss, SparseActs, acc_dtype
+from .types import GatedLoss, SparseActs, acc_dtype, slot_mask
 
 # Capacity (slots per row) tried when the caller has no better guess.
 DEFAULT_CAPACITY = 256
@@ -63,24 +66,75 @@ def _(x, W_enc, b_dec, b_gate, r_mag, b_mag, capacity, backend):
             x.new_empty((2,), dtype=torch.int32))
 
 
-@torch.library.custom_op("gsae_fast::gated_encode_backward", mutates_args=())
-def _encode_backward_op(x: Tensor, W_enc: Tensor, b_dec: Tensor, b_gate: Tensor, r_mag: Tensor,
-                        b_mag: Tensor, idx: Tensor, f: Tensor, pi_gate: Tensor, counts: Tensor,
-                        grad_f: Tensor, grad_pi_gate: Tensor, need_x: bool, backend: str
-                        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns (grad_x or an empty tensor, grad_W_enc, grad_b_dec, grad_b_gate, grad_r_mag,
-    grad_b_mag)."""
-    return tuple(backends.executor(backend).gated_encode_backward(
-        x, W_enc, b_dec, b_gate, r_mag, b_mag, idx, f, pi_gate, counts, grad_f, grad_pi_gate,
-        need_x))
+# The encoder's backward. The math per active slot (the prologue) and per feature (the
+# epilogue) lives here once, in torch ops on [B, K] / [d_sae] tensors; the executors only run
+# the one reduction that needs a kernel, gsae_fast::encode_grad_scatter (grad W_enc and the
+# per-feature sums), and x's gradient is a sparse decode through W_enc^T.
+
+@torch.library.custom_op("gsae_fast::encode_grad_scatter", mutates_args=())
+def _encode_scatter_op(x: Tensor, b_dec: Tensor, idx: Tensor, counts: Tensor, per_slot: Tensor,
+                       d_sae: int, backend: str) -> tuple[Tensor, Tensor]:
+    """Returns (grad_W_enc [d_in, d_sae] in x's dtype, sums [C, d_sae] in per_slot's dtype):
+    ``grad_W_enc[:, i] = sum over the active slots (b, k) with idx[b, k] = i of
+    per_slot[0, b, k] * (x[b] - b_dec)`` and ``sums[c, i]`` = the same sums of ``per_slot[c]``
+    (``per_slot [C, B, K]``, zero on padding slots)."""
+    return tuple(backends.executor(backend).encode_grad_scatter(x, b_dec, idx, counts, per_slot,
+                                                                d_sae))
 
 
-@_encode_backward_op.register_fake
-def _(x, W_enc, b_dec, b_gate, r_mag, b_mag, idx, f, pi_gate, counts, grad_f, grad_pi_gate,
-      need_x, backend):
-    dx = torch.empty_like(x) if need_x else x.new_empty((0,))
-    return (dx, torch.empty_like(W_enc), torch.empty_like(b_dec), torch.empty_like(b_gate),
-            torch.empty_like(r_mag), torch.empty_like(b_mag))
+@_encode_scatter_op.register_fake
+def _(x, b_dec, idx, counts, per_slot, d_sae, backend):
+    return (x.new_empty((x.shape[1], d_sae)),
+            per_slot.new_empty((per_slot.shape[0], d_sae)))
+
+
+def _mv_acc(A: Tensor, v: Tensor) -> Tensor:
+    """``A @ v`` in v's (accumulation) dtype without an upcast copy of the whole of A: bf16 / fp16
+    A is converted a block of columns at a time (at most 16 MiB of fp32 at once)."""
+    if A.dtype == v.dtype:
+        return A @ v
+    cols = max(1, (1 << 22) // max(1, A.shape[0]))
+    out = torch.zeros(A.shape[0], dtype=v.dtype, device=v.device)
+    for c in range(0, A.shape[1], cols):
+        out += A[:, c:c + cols].to(v.dtype) @ v[c:c + cols]
+    return out
+
+
+def gated_encode_backward(x: Tensor, W_enc: Tensor, b_dec: Tensor, b_gate: Tensor, r_mag: Tensor,
+                          b_mag: Tensor, idx: Tensor, f: Tensor, pi_gate: Tensor, counts: Tensor,
+                          grad_f: Tensor, grad_pi_gate: Tensor, need_x: bool, backend: str
+                          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The gradients of the gated encode from those of its outputs ``f`` and ``pi_gate`` at the
+    active slots; returns (grad_x or an empty tensor, grad_W_enc, grad_b_dec, grad_b_gate,
+    grad_r_mag, grad_b_mag) in x's dtype. Per active slot (b, k), feature i = idx[b, k]:
+
+        grad_mag = grad_f * [f > 0]      dz = grad_pi_gate + exp(r_mag_i) * grad_mag
+        z = pi_gate - b_gate_i
+
+    then grad W_enc[:, i] = sum dz (x_b - b_dec), grad b_gate_i = sum grad_pi_gate,
+    grad b_mag_i = sum grad_mag, grad r_mag_i = exp(r_mag_i) sum grad_mag * z,
+    grad b_dec = -W_enc @ (sum dz per feature), grad x_b = sum_k dz W_enc[:, i]."""
+    acc = f.dtype
+    zero = torch.zeros((), dtype=acc, device=x.device)
+    valid = slot_mask(idx, counts)
+    i = torch.where(valid, idx, 0).long()  # padding never indexes (it may hold anything)
+    exp_r = torch.exp(r_mag.to(acc))
+    grad_mag = torch.where(valid & (f > 0), grad_f, zero)
+    grad_gate = torch.where(valid, grad_pi_gate, zero)
+    dz = grad_gate + exp_r[i] * grad_mag
+    z = pi_gate - b_gate.to(acc)[i]
+    per_slot = torch.stack([dz, grad_gate, grad_mag, grad_mag * z])
+    grad_W, sums = _encode_scatter_op(x, b_dec, idx, counts, per_slot, W_enc.shape[1], backend)
+    dt = x.dtype
+    grad_x = x.new_empty((0,))
+    if need_x:  # a sparse decode of dz through W_enc^T (a transposed copy, in x's dtype)
+        grad_x = _decode_op(idx, dz, counts, W_enc.t().contiguous(), None, backend)
+    return (grad_x, grad_W, (-_mv_acc(W_enc, sums[0])).to(dt), sums[1].to(dt),
+            (exp_r * sums[3]).to(dt), sums[2].to(dt))
+
+
+# (the TopK encoder's backward calls it under its old name)
+_encode_backward_op = gated_encode_backward
 
 
 def _encode_setup(ctx, inputs, output):
@@ -95,7 +149,7 @@ def _encode_backward(ctx, grad_f, grad_pi, _g_idx, _g_counts, _g_status):
     grad_f = torch.zeros_like(f) if grad_f is None else grad_f.contiguous()
     grad_pi = torch.zeros_like(pi_gate) if grad_pi is None else grad_pi.contiguous()
     need_x = ctx.needs_input_grad[0]
-    dx, dW, db_dec, db_gate, dr_mag, db_mag = _encode_backward_op(
+    dx, dW, db_dec, db_gate, dr_mag, db_mag = gated_encode_backward(
         x, W_enc, b_dec, b_gate, r_mag, b_mag, idx, f, pi_gate, counts, grad_f, grad_pi, need_x,
         ctx.backend)
     return dx if need_x else None, dW, db_dec, db_gate, dr_mag, db_mag, None, None
@@ -117,15 +171,16 @@ def _(idx, val, counts, W_dec, bias, backend):
 
 @torch.library.custom_op("gsae_fast::sparse_decode_backward", mutates_args=())
 def _decode_backward_op(grad_out: Tensor, idx: Tensor, val: Tensor, counts: Tensor,
-                        W_dec: Tensor, need_val: bool, need_W_dec: bool, backend: str
-                        ) -> tuple[Tensor, Tensor]:
-    """Returns (grad_val or empty, grad_W_dec or empty)."""
+                        W_dec: Tensor, need_val: bool, need_W_dec: bool, deterministic: bool,
+                        backend: str) -> tuple[Tensor, Tensor]:
+    """Returns (grad_val or empty, grad_W_dec or empty); ``deterministic``: grad_W_dec scattered
+    in a fixed order (backends.deterministic_scatter, asked by the caller)."""
     return tuple(backends.executor(backend).sparse_decode_backward(
-        grad_out, idx, val, counts, W_dec, need_val, need_W_dec))
+        grad_out, idx, val, counts, W_dec, need_val, need_W_dec, deterministic))
 
 
 @_decode_backward_op.register_fake
-def _(grad_out, idx, val, counts, W_dec, need_val, need_W_dec, backend):
+def _(grad_out, idx, val, counts, W_dec, need_val, need_W_dec, deterministic, backend):
     return (torch.empty_like(val) if need_val else val.new_empty((0,)),
             torch.empty_like(W_dec) if need_W_dec else W_dec.new_empty((0,)))
 
@@ -144,7 +199,8 @@ def _decode_backward(ctx, grad_out):
     grad_val = grad_W = None
     if need_val or need_W:
         grad_val, grad_W = _decode_backward_op(grad_out, idx, val, counts, W_dec, need_val,
-                                               need_W, ctx.backend)
+                                               need_W, backends.deterministic_scatter(),
+                                               ctx.backend)
     grad_bias = grad_out.sum(0) if ctx.has_bias and ctx.needs_input_grad[4] else None
     return (None, grad_val if need_val else None, None, grad_W if need_W else None, grad_bias,
             None)
@@ -184,7 +240,8 @@ def _(idx, val_a, val_b, counts, W_dec, bias, grad_W_b, backend):
 @torch.library.custom_op("gsae_fast::sparse_decode_pair_backward", mutates_args=())
 def _decode_pair_backward_op(grad_a: Tensor, grad_b: Tensor, idx: Tensor, val_a: Tensor,
                              val_b: Tensor, counts: Tensor, W_dec: Tensor, need_val_a: bool,
-                             need_val_b: bool, need_W_dec: bool, W_from_b: bool, backend: str
+                             need_val_b: bool, need_W_dec: bool, W_from_b: bool,
+                             deterministic: bool, backend: str
                              ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (grad_val_a or empty, grad_val_b or empty, grad_W_dec or empty); grad_W_dec sums
     the out_a path and, when ``W_from_b``, the out_b path."""
@@ -192,18 +249,18 @@ def _decode_pair_backward_op(grad_a: Tensor, grad_b: Tensor, idx: Tensor, val_a:
     fn = _pair_kernel(ex, "sparse_decode_pair_backward")
     if fn is not None:
         return tuple(fn(grad_a, grad_b, idx, val_a, val_b, counts, W_dec, need_val_a, need_val_b,
-                        need_W_dec, W_from_b))
+                        need_W_dec, W_from_b, deterministic))
     gva, gWa = ex.sparse_decode_backward(grad_a, idx, val_a, counts, W_dec, need_val_a,
-                                         need_W_dec)
+                                         need_W_dec, deterministic)
     gvb, gWb = ex.sparse_decode_backward(grad_b, idx, val_b, counts, W_dec, need_val_b,
-                                         need_W_dec and W_from_b)
+                                         need_W_dec and W_from_b, deterministic)
     gW = gWa + gWb if need_W_dec and W_from_b else gWa
     return gva, gvb, gW
 
 
 @_decode_pair_backward_op.register_fake
 def _(grad_a, grad_b, idx, val_a, val_b, counts, W_dec, need_val_a, need_val_b, need_W_dec,
-      W_from_b, backend):
+      W_from_b, deterministic, backend):
     return (torch.empty_like(val_a) if need_val_a else val_a.new_empty((0,)),
             torch.empty_like(val_b) if need_val_b else val_b.new_empty((0,)),
             torch.empty_like(W_dec) if need_W_dec else W_dec.new_empty((0,)))
@@ -228,7 +285,7 @@ def _decode_pair_backward(ctx, grad_a, grad_b):
     if need_a or need_b or need_W:
         grad_val_a, grad_val_b, grad_W = _decode_pair_backward_op(
             grad_a, grad_b, idx, val_a, val_b, counts, W_dec, need_a, need_b, need_W,
-            ctx.grad_W_b, ctx.backend)
+            ctx.grad_W_b, backends.deterministic_scatter(), ctx.backend)
     grad_bias = None
     if ctx.has_bias and ctx.needs_input_grad[5]:
         grad_bias = grad_a.sum(0) + grad_b.sum(0) if ctx.grad_W_b else grad_a.sum(0)

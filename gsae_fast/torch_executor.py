@@ -2,7 +2,8 @@
 
 Same contract as the compiled kernels (csrc/ops.cpp), written with plain torch ops so that the
 ops work on any device and on a machine where nothing could be compiled. It computes the dense
-``[B, d_sae]`` pre-activations and compacts them: correct and portable, not fast.
+``[B, d_sae]`` pre-activations and compacts them: correct and portable, not fast. Its scatters
+are torch's (``deterministic`` is not needed: torch's deterministic mode governs them).
 """
 from __future__ import annotations
 
@@ -11,12 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .types import acc_dtype
-
-
-def slot_mask(idx: Tensor, counts: Tensor) -> Tensor:
-    """True on the active slots of padded rows ``idx [B, K]`` with ``counts [B]``."""
-    return torch.arange(idx.shape[1], device=idx.device) < counts.unsqueeze(1)
+from .types import acc_dtype, slot_mask
 
 
 def _coo(idx: Tensor, counts: Tensor, values: Tensor, d_sae: int) -> Tensor:
@@ -55,31 +51,16 @@ def gated_encode(x, W_enc, b_dec, b_gate, r_mag, b_mag, capacity: int):
     return f, pi_out, idx, counts.to(torch.int32), status
 
 
-def gated_encode_backward(x, W_enc, b_dec, b_gate, r_mag, b_mag, idx, f, pi_gate, counts,
-                          grad_f, grad_pi_gate, need_x: bool):
-    acc = acc_dtype(x.dtype)
-    d_sae = W_enc.shape[1]
-    mask = slot_mask(idx, counts)
-    i = torch.where(mask, idx, 0).long()  # padding never indexes (it may hold anything)
-    er = torch.exp(r_mag.to(acc))
-    zero = torch.zeros((), dtype=acc, device=x.device)
-    dpm = torch.where(mask & (f > 0), grad_f, zero)
-    gp = torch.where(mask, grad_pi_gate, zero)
-    dz = gp + er[i] * dpm
+def encode_grad_scatter(x, b_dec, idx, counts, per_slot, d_sae: int):
+    acc = per_slot.dtype
     xc = x.to(acc) - b_dec.to(acc)
-    S = _coo(idx, counts, dz, d_sae)  # dL/dz, [B, d_sae] sparse
-
-    def per_feature(v: Tensor) -> Tensor:
-        return torch.zeros(d_sae, dtype=acc, device=x.device).index_add_(0, i[mask], v[mask])
-
-    W = W_enc.to(acc)
-    s = per_feature(dz)
-    dW = torch.sparse.mm(S.t(), xc).t()
-    dx = torch.sparse.mm(S, W.t()) if need_x else torch.empty(0, dtype=acc, device=x.device)
-    z = pi_gate - b_gate.to(acc)[i]
-    dt = x.dtype
-    return (dx.to(dt), dW.to(dt).contiguous(), (-(W @ s)).to(dt), per_feature(gp).to(dt),
-            (er * per_feature(dpm * z)).to(dt), per_feature(dpm).to(dt))
+    mask = slot_mask(idx, counts)
+    i = torch.where(mask, idx, 0).long()[mask]  # padding never indexes (it may hold anything)
+    # [d_in, d_sae] = xc^T @ S with S [B, d_sae] the sparse matrix of per_slot[0].
+    grad_W = torch.sparse.mm(_coo(idx, counts, per_slot[0], d_sae).t(), xc).t()
+    sums = torch.zeros(per_slot.shape[0], d_sae, dtype=acc, device=x.device)
+    sums.index_add_(1, i, per_slot[:, mask])
+    return grad_W.to(x.dtype).contiguous(), sums
 
 
 def sparse_decode(idx, val, counts, W_dec, bias: Optional[Tensor]):
@@ -90,7 +71,8 @@ def sparse_decode(idx, val, counts, W_dec, bias: Optional[Tensor]):
     return out.to(W_dec.dtype)
 
 
-def sparse_decode_backward(grad_out, idx, val, counts, W_dec, need_val: bool, need_W_dec: bool):
+def sparse_decode_backward(grad_out, idx, val, counts, W_dec, need_val: bool, need_W_dec: bool,
+                           deterministic: bool):
     acc = acc_dtype(W_dec.dtype)
     g = grad_out.to(acc)
     empty = torch.empty(0, dtype=acc, device=val.device)
@@ -139,7 +121,7 @@ def sparse_decode_pair(idx, val_a, val_b, counts, W_dec, bias: Optional[Tensor])
 
 def sparse_decode_pair_backward(grad_a, grad_b, idx, val_a, val_b, counts, W_dec,
                                 need_val_a: bool, need_val_b: bool, need_W_dec: bool,
-                                W_from_b: bool):
+                                W_from_b: bool, deterministic: bool):
     acc = acc_dtype(W_dec.dtype)
     ga, gb = grad_a.to(acc), grad_b.to(acc)
     empty = torch.empty(0, dtype=acc, device=idx.device)

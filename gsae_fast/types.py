@@ -13,6 +13,11 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+
+def slot_mask(idx: Tensor, counts: Tensor) -> Tensor:
+    """True on the active slots of padded rows ``idx [..., K]`` with ``counts [...]``."""
+    return torch.arange(idx.shape[-1], device=idx.device) < counts.unsqueeze(-1)
+
 @dataclass
 class SparseActs:
     """Gated SAE activations in the padded-row sparse format (the one format of gsae_fast).
@@ -50,8 +55,7 @@ class SparseActs:
 
     def mask(self) -> Tensor:
         """Boolean ``[..., K]``: True on the active slots."""
-        k = torch.arange(self.capacity, device=self.idx.device)
-        return k < self.counts.unsqueeze(-1)
+        return slot_mask(self.idx, self.counts)
 
     def l0(self) -> Tensor:
         """Mean number of active features per token (float32 scalar)."""

@@ -8,18 +8,18 @@ gsae_fast.ops call them when ``backend="triton"``):
 - :func:`sparse_decode`, :func:`sparse_decode_backward` (sparse_decode.py): gather-sum of W_dec
   rows and its backward; :func:`sparse_decode_pair` and its backward: two value sets over the
   same slots (x_hat and the aux reconstruction) from one gather of each row;
-- :func:`gated_encode_backward` (gated_encode_backward.py): the encoder gradients from the sparse
-  slots, grouped by feature (_common.py).
+- :func:`encode_grad_scatter` (gated_encode_backward.py): grad W_enc and the per-feature sums
+  of the encoder's backward, grouped by feature (_common.py); gsae_fast.ops does the rest.
 
 They run on CUDA tensors, or on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1``
-set before import; slow, for testing the logic). :func:`set_scatter` picks how ``grad W_dec`` is
-scattered (deterministic "grouped", the default, or "atomic").
+set before import; slow, for testing the logic). How ``grad W_dec`` is scattered (grouped by
+feature, or atomics) is the caller's argument (gsae_fast.backends.set_scatter).
 """
 import triton
 
-from ._common import INTERPRET, SCATTER_MODES, scatter_mode, set_scatter  # noqa: F401
+from ._common import INTERPRET  # noqa: F401
 from .gated_encode import gated_encode  # noqa: F401
-from .gated_encode_backward import gated_encode_backward  # noqa: F401
+from .gated_encode_backward import encode_grad_scatter  # noqa: F401
 from .sparse_decode import (sparse_decode, sparse_decode_backward,  # noqa: F401
                             sparse_decode_pair, sparse_decode_pair_backward)
 

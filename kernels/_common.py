@@ -21,7 +21,7 @@ import triton.language as tl
 
 # Absolute, not relative: run from the repository root, this folder is also importable as a
 # top-level "kernels" (transformers probes that name at import), where ".." does not exist.
-from gsae_fast.torch_executor import slot_mask
+from gsae_fast.types import slot_mask
 
 # Read when the kernels are decorated (as Triton does): set TRITON_INTERPRET=1 before importing.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -184,28 +184,3 @@ def grouped_scatter(groups, rows: torch.Tensor, weights, src: torch.Tensor, out:
             HAS_W=weights is not None, HAS_SUB=sub is not None, ACC=acc_tl(acc),
             PRECISION=dot_precision(dtype), BF=BF, BC=BC, BP=BP)
     return out
-
-
-# --------------------------------------------------------------------------------------------
-# How grad W_dec is scattered: "grouped" (deterministic, the default) or "atomic".
-# --------------------------------------------------------------------------------------------
-
-SCATTER_MODES = ("grouped", "atomic")
-_scatter = os.environ.get("GSAE_FAST_SCATTER", "grouped")
-if _scatter not in SCATTER_MODES:
-    raise ValueError(f"GSAE_FAST_SCATTER must be one of {SCATTER_MODES}, got {_scatter!r}")
-
-
-def set_scatter(mode: str) -> None:
-    """Choose how the decoder gradient is scattered: ``"grouped"`` (pairs grouped by feature, one
-    program per output tile: bitwise reproducible) or ``"atomic"`` (fp32 atomic adds in any
-    order: no grouping sort, not reproducible bit for bit). torch's deterministic mode
-    (``torch.use_deterministic_algorithms(True)``) always gets ``"grouped"``."""
-    global _scatter
-    if mode not in SCATTER_MODES:
-        raise ValueError(f"scatter mode must be one of {SCATTER_MODES}, got {mode!r}")
-    _scatter = mode
-
-
-def scatter_mode() -> str:
-    return "grouped" if torch.are_deterministic_algorithms_enabled() else _scatter

@@ -4,7 +4,7 @@ Each program owns one token and a block of ``d_in``: it walks the token's active
 of BS and gathers whole row segments of W_dec (wide contiguous loads along d_in). The backward
 has the same shape: the value gradient is a dot of the output gradient with each gathered row,
 and the W_dec gradient is either grouped by feature (deterministic, kernels._common) or scattered
-with fp32 atomics.
+with fp32 atomics, as the caller says (gsae_fast.backends.set_scatter).
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from ._common import (INTERPRET, acc_tl, group_by_feature, grouped_scatter, next_pow2,
-                      on_device, scatter_mode)
+                      on_device)
 
 
 def _configs():
@@ -165,10 +165,33 @@ def sparse_decode(idx, val, counts, W_dec, bias):
     return out
 
 
-def sparse_decode_backward(grad_out, idx, val, counts, W_dec, need_val: bool, need_W_dec: bool):
-    """The ``sparse_decode_backward`` kernel contract (see gsae_fast.torch_executor)."""
+def _grad_W_dec(src, idx, val, counts, W_dec, deterministic: bool):
+    """``grad W_dec[i] = sum over the slots (b, k) with idx[b, k] = i of val[b, k] * src[b]``:
+    grouped by feature (fixed order) when ``deterministic``, else fp32 atomics."""
     B, K = idx.shape
     d_sae, d_in = W_dec.shape
+    if deterministic:
+        groups = group_by_feature(idx, counts, d_sae)
+        order = groups[2]
+        grad_W = torch.empty_like(W_dec)
+        grouped_scatter(groups, order // max(K, 1), val.reshape(-1)[order], src, grad_W,
+                        precision_dtype=W_dec.dtype)
+        return grad_W
+    acc = torch.float64 if W_dec.dtype == torch.float64 else torch.float32
+    buf = torch.zeros(d_sae, d_in, dtype=acc, device=val.device)
+    if B and K and d_in:
+        BD = 32 if INTERPRET else next_pow2(d_in, hi=512)
+        with on_device(W_dec):
+            _scatter_atomic_kernel[(B, triton.cdiv(d_in, BD))](
+                src, idx, val, counts, buf, K, d_in, ACC=acc_tl(W_dec.dtype), BS=16, BD=BD)
+    return buf.to(W_dec.dtype)
+
+
+def sparse_decode_backward(grad_out, idx, val, counts, W_dec, need_val: bool, need_W_dec: bool,
+                           deterministic: bool):
+    """The ``sparse_decode_backward`` kernel contract (see gsae_fast.torch_executor)."""
+    B, K = idx.shape
+    d_in = W_dec.shape[1]
     acc = torch.float64 if W_dec.dtype == torch.float64 else torch.float32
     grad_val = torch.empty(0, dtype=acc, device=val.device)
     grad_W = torch.empty(0, dtype=W_dec.dtype, device=val.device)
@@ -180,21 +203,7 @@ def sparse_decode_backward(grad_out, idx, val, counts, W_dec, need_val: bool, ne
                 _sparse_dot_kernel[grid](grad_out, idx, counts, W_dec, grad_val, K, d_in,
                                          ACC=acc_tl(W_dec.dtype))
     if need_W_dec:
-        if scatter_mode() == "atomic":
-            buf = torch.zeros(d_sae, d_in, dtype=acc, device=val.device)
-            if B and K and d_in:
-                BD = 32 if INTERPRET else next_pow2(d_in, hi=512)
-                with on_device(W_dec):
-                    _scatter_atomic_kernel[(B, triton.cdiv(d_in, BD))](
-                        grad_out, idx, val, counts, buf, K, d_in, ACC=acc_tl(W_dec.dtype),
-                        BS=16, BD=BD)
-            grad_W = buf.to(W_dec.dtype)
-        else:
-            groups = group_by_feature(idx, counts, d_sae)
-            order = groups[2]
-            grad_W = torch.empty_like(W_dec)
-            grouped_scatter(groups, order // max(K, 1), val.reshape(-1)[order], grad_out, grad_W,
-                            precision_dtype=W_dec.dtype)
+        grad_W = _grad_W_dec(grad_out, idx, val, counts, W_dec, deterministic)
     return grad_val, grad_W
 
 
@@ -221,10 +230,10 @@ def sparse_decode_pair(idx, val_a, val_b, counts, W_dec, bias):
 
 def sparse_decode_pair_backward(grad_a, grad_b, idx, val_a, val_b, counts, W_dec,
                                 need_val_a: bool, need_val_b: bool, need_W_dec: bool,
-                                W_from_b: bool):
+                                W_from_b: bool, deterministic: bool):
     """The ``sparse_decode_pair_backward`` kernel contract (see gsae_fast.torch_executor)."""
     B, K = idx.shape
-    d_sae, d_in = W_dec.shape
+    d_in = W_dec.shape[1]
     acc = torch.float64 if W_dec.dtype == torch.float64 else torch.float32
     empty = torch.empty(0, dtype=acc, device=val_a.device)
     grad_val_a, grad_val_b = empty, empty.clone()
@@ -246,19 +255,5 @@ def sparse_decode_pair_backward(grad_a, grad_b, idx, val_a, val_b, counts, W_dec
         scounts = torch.cat([counts, counts]) if W_from_b else counts
         sval = torch.cat([val_a, val_b]) if W_from_b else val_a
         src = torch.cat([grad_a, grad_b]) if W_from_b else grad_a
-        if scatter_mode() == "atomic":
-            buf = torch.zeros(d_sae, d_in, dtype=acc, device=val_a.device)
-            if B and K and d_in:
-                BD = 32 if INTERPRET else next_pow2(d_in, hi=512)
-                with on_device(W_dec):
-                    _scatter_atomic_kernel[(sidx.shape[0], triton.cdiv(d_in, BD))](
-                        src, sidx, sval, scounts, buf, K, d_in, ACC=acc_tl(W_dec.dtype),
-                        BS=16, BD=BD)
-            grad_W = buf.to(W_dec.dtype)
-        else:
-            groups = group_by_feature(sidx, scounts, d_sae)
-            order = groups[2]
-            grad_W = torch.empty_like(W_dec)
-            grouped_scatter(groups, order // max(K, 1), sval.reshape(-1)[order], src, grad_W,
-                            precision_dtype=W_dec.dtype)
+        grad_W = _grad_W_dec(src, sidx, sval, scounts, W_dec, deterministic)
     return grad_val_a, grad_val_b, grad_W

@@ -12,7 +12,8 @@ import torch
 from conftest import make_params, make_x, rel_err
 from gsae_fast import backends, ops, torch_executor
 
-OPS = ("gated_encode", "gated_encode_backward", "sparse_decode", "sparse_decode_backward")
+OPS = ("gated_encode", "encode_grad_scatter", "sparse_decode", "sparse_decode_backward",
+       "sparse_decode_pair", "sparse_decode_pair_backward")
 GPU_TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 
 
@@ -64,7 +65,7 @@ def test_gpu_encode_backward_matches_the_torch_executor():
     g = make_x(acts.f.shape, torch.float32, seed=5, device="cuda")
     args = (x, *p.values(), acts.idx, acts.f.detach(), acts.pi_gate.detach(), acts.counts, g,
             2 * g, True)
-    ours = torch.ops.gsae_fast_C.gated_encode_backward(*args)
-    ref = torch_executor.gated_encode_backward(*args)
+    ours = ops.gated_encode_backward(*args, "cuda")
+    ref = ops.gated_encode_backward(*args, "reference")
     for a, b in zip(ours, ref):
         assert rel_err(a, b) < 1e-5

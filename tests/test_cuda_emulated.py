@@ -13,7 +13,7 @@ import torch
 
 from conftest import (CPU_BACKENDS, default_emulated_schedule, emulated_schedule, make_params,
                       make_x, rel_err)
-from gsae_fast import ops
+from gsae_fast import backends, ops
 
 pytestmark = pytest.mark.skipif("cuda_emulated" not in CPU_BACKENDS,
                                 reason="the C++ extension (with the emulator) is not built")
@@ -184,12 +184,13 @@ def _outputs(dtype):
     outs = list(torch.ops.gsae_fast.gated_encode(x, *p.values(), 64, "cuda_emulated"))
     f, pi, idx, counts, _ = outs
     g = make_x(tuple(f.shape), f.dtype, seed=6)
-    outs += torch.ops.gsae_fast.gated_encode_backward(x, *p.values(), idx, f, pi, counts, g,
-                                                      -g, True, "cuda_emulated")
+    outs += ops.gated_encode_backward(x, *p.values(), idx, f, pi, counts, g, -g, True,
+                                      "cuda_emulated")
     outs.append(torch.ops.gsae_fast.sparse_decode(idx, f, counts, W_dec, p["b_dec"],
                                                   "cuda_emulated"))
     gx = make_x((70, 37), dtype, seed=7)
     outs += torch.ops.gsae_fast.sparse_decode_backward(gx, idx, f, counts, W_dec, True, True,
+                                                       backends.deterministic_scatter(),
                                                        "cuda_emulated")
     t = {k: v.clone().requires_grad_() for k, v in dict(p, W_dec=W_dec).items()}
     out = ops.gated_sae_loss(x, t["W_enc"], t["W_dec"], t["b_dec"], t["b_gate"], t["r_mag"],
@@ -221,17 +222,16 @@ def test_deterministic_paths_are_bitwise_equal_under_every_schedule(schedule, mo
 def test_atomic_scatter_is_right_under_every_schedule(schedule, monkeypatch):
     """The atomic decoder gradient adds in launch order: right under every schedule (bits may
     differ: that is why deterministic mode does not use it)."""
-    monkeypatch.setenv("GSAE_FAST_SCATTER", "atomic")
     p, W_dec = make_params(37, 300, torch.float32, l0_frac=0.2, seed=4)
     x = make_x((70, 37), torch.float32, seed=5)
     f, pi, idx, counts, _ = torch.ops.gsae_fast.gated_encode(x, *p.values(), 64, "cuda_emulated")
     g = make_x((70, 37), torch.float32, seed=7)
     _, ref = torch.ops.gsae_fast.sparse_decode_backward(g, idx, f, counts, W_dec, False, True,
-                                                        "reference")
+                                                        True, "reference")
     for order, seed in SCHEDULES:
         schedule(order, seed)
         _, grad_W = torch.ops.gsae_fast.sparse_decode_backward(g, idx, f, counts, W_dec, False,
-                                                               True, "cuda_emulated")
+                                                               True, False, "cuda_emulated")
         assert rel_err(grad_W, ref) < 1e-6
 
 

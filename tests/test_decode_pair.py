@@ -144,28 +144,23 @@ def test_pair_opcheck(backend):
         torch.library.opcheck(torch.ops.gsae_fast.sparse_decode_pair_backward.default,
                               (torch.randn(5, 6), torch.randn(5, 6), idx, va.detach(),
                                vb.detach(), counts, W.detach(), True, True, True, W_from_b,
-                               backend))
+                               True, backend))
     torch.library.opcheck(torch.ops.gsae_fast.sparse_decode_pair_backward.default,
                           (torch.randn(5, 6), torch.randn(5, 6), idx, va.detach(), vb.detach(),
-                           counts, W.detach(), False, True, False, False, backend))
+                           counts, W.detach(), False, True, False, False, False, backend))
 
 
 @pytest.mark.parametrize("backend", [b for b in ("triton", "cuda_emulated") if b in CPU_BACKENDS])
 @pytest.mark.parametrize("mode", ["grouped", "atomic"])
 @pytest.mark.parametrize("W_from_b", [True, False])
-def test_pair_decoder_gradient_scatter_modes(backend, mode, W_from_b, monkeypatch):
+def test_pair_decoder_gradient_scatter_modes(backend, mode, W_from_b):
     """grad W_dec of the pair (one scatter over the stacked rows, or the a rows alone) in both
     scatter modes of the executors that have them."""
-    if backend == "triton":
-        from gsae_fast import kernels
-        monkeypatch.setattr(kernels._common, "_scatter", mode)
-    else:
-        monkeypatch.setenv("GSAE_FAST_SCATTER", mode)
     acts, p, W_dec = _acts(backend, torch.float32, d_in=19, d_sae=83, lead=(41,), l0_frac=0.3)
     ga, gb = make_x((41, 19), torch.float32, seed=5), make_x((41, 19), torch.float32, seed=6)
     _, _, gW = torch.ops.gsae_fast.sparse_decode_pair_backward(
         ga, gb, acts.idx, acts.f, acts.pi_gate, acts.counts, W_dec, False, False, True,
-        W_from_b, backend)
+        W_from_b, mode == "grouped", backend)
     ref = _dense(acts, acts.f).t() @ ga.double()
     if W_from_b:
         ref = ref + _dense(acts, acts.pi_gate).t() @ gb.double()

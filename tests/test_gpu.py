@@ -12,23 +12,12 @@ EXECUTORS = ["triton", "cuda"]
 
 
 @pytest.fixture
-def scatter(monkeypatch):
-    """set(backend, mode): the grad W_dec scatter of one executor for one test, restored after
-    (Triton: kernels.set_scatter; CUDA: GSAE_FAST_SCATTER, read by the op at every call)."""
-    restore = []
-
-    def set_mode(backend, mode):
-        if backend == "triton":
-            from gsae_fast import kernels
-            restore.append(kernels._common._scatter)
-            kernels.set_scatter(mode)
-        else:
-            monkeypatch.setenv("GSAE_FAST_SCATTER", mode)
-
-    yield set_mode
-    if restore:
-        from gsae_fast import kernels
-        kernels.set_scatter(restore[0])
+def scatter():
+    """set(backend, mode): the grad W_dec scatter for one test (one setting for every executor:
+    backends.set_scatter), restored after."""
+    from gsae_fast import backends
+    yield lambda backend, mode: backends.set_scatter(mode)
+    backends.set_scatter(None)
 
 
 @pytest.mark.gpu

@@ -316,11 +316,10 @@ def test_opcheck(backend):
                           (idx, f.detach().requires_grad_(), counts, W, b, backend))
     torch.library.opcheck(torch.ops.gsae_fast.sparse_decode_backward.default,
                           (torch.randn(5, 6), idx, f.detach(), counts, W.detach(), True, True,
-                           backend))
-    det = [t.detach() for t in p.values()]
-    torch.library.opcheck(torch.ops.gsae_fast.gated_encode_backward.default,
-                          (x, *det, idx, f.detach(), pi.detach(), counts, torch.randn_like(f),
-                           torch.randn_like(f), True, backend))
+                           True, backend))
+    per_slot = torch.randn(4, *f.shape) * ops.slot_mask(idx, counts)
+    torch.library.opcheck(torch.ops.gsae_fast.encode_grad_scatter.default,
+                          (x, p["b_dec"].detach(), idx, counts, per_slot, 10, backend))
 
 
 # ---------------------------------------------------------------------------------- bad input

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import loss_and_grads_twice, make_params, make_x, params64, rel_err
-from gsae_fast import GatedSAE, SparseActs, available_backends, ops, reference
+from gsae_fast import GatedSAE, SparseActs, available_backends, backends, ops, reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu = the Triton interpreter
 pytestmark = pytest.mark.skipif("triton" not in available_backends(DEVICE),
@@ -24,10 +24,8 @@ pytestmark = pytest.mark.skipif("triton" not in available_backends(DEVICE),
 @pytest.fixture
 def scatter():
     """Sets the grad W_dec scatter mode for one test and restores it after."""
-    from gsae_fast import kernels
-    before = kernels._common._scatter
-    yield kernels.set_scatter
-    kernels.set_scatter(before)
+    yield backends.set_scatter
+    backends.set_scatter(None)
 
 
 def dense_ref(x, p):
@@ -68,18 +66,36 @@ def test_decoder_gradient_scatter_modes(scatter, mode, dtype):
     assert rel_err(val.grad, grad_val_ref) < tol
 
 
-def test_deterministic_mode_forces_grouped_scatter(scatter):
-    from gsae_fast import kernels
-    scatter("atomic")
+def test_one_scatter_setting_derived_from_deterministic_mode(scatter, monkeypatch):
+    """"auto" follows torch's deterministic mode; an explicit mode wins outside it; deterministic
+    mode always gets the grouped scatter; the environment variable is the default."""
     before = torch.are_deterministic_algorithms_enabled()
+    monkeypatch.delenv("GSAE_FAST_SCATTER", raising=False)
     try:
-        torch.use_deterministic_algorithms(True)
-        assert kernels.scatter_mode() == "grouped"
+        for det in (False, True):
+            torch.use_deterministic_algorithms(det)
+            scatter(None)
+            assert backends.deterministic_scatter() is det
+            scatter("auto")
+            assert backends.deterministic_scatter() is det
+            scatter("atomic")
+            assert backends.deterministic_scatter() is det
+            scatter("grouped")
+            assert backends.deterministic_scatter() is True
+        torch.use_deterministic_algorithms(False)
+        scatter(None)
+        monkeypatch.setenv("GSAE_FAST_SCATTER", "grouped")
+        assert backends.deterministic_scatter() is True
+        scatter("atomic")  # the call wins over the environment
+        assert backends.deterministic_scatter() is False
     finally:
         torch.use_deterministic_algorithms(before)
-    assert kernels.scatter_mode() == "atomic"
     with pytest.raises(ValueError, match="scatter mode"):
-        kernels.set_scatter("fast")
+        scatter("fast")
+    scatter(None)
+    monkeypatch.setenv("GSAE_FAST_SCATTER", "fast")
+    with pytest.raises(ValueError, match="GSAE_FAST_SCATTER"):
+        backends.deterministic_scatter()
 
 
 def test_grouped_backward_is_bitwise_reproducible():

@@ -291,7 +291,8 @@ at::Tensor sparse_decode_cpu(const at::Tensor& idx, const at::Tensor& val,
 
 std::tuple<at::Tensor, at::Tensor> sparse_decode_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& idx, const at::Tensor& val,
-    const at::Tensor& counts, const at::Tensor& W_dec, bool need_val, bool need_W_dec) {
+    const at::Tensor& counts, const at::Tensor& W_dec, bool need_val, bool need_W_dec,
+    bool /*deterministic: always (grouped by feature)*/) {
   const char* op = "gsae_fast.sparse_decode_backward";
   at::AutoDispatchBelowADInplaceOrView guard;  // inner ATen calls skip autograd
   check_decode_inputs(idx, val, counts, W_dec, op);
@@ -342,7 +343,8 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_pair_cpu(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_decode_pair_backward_cpu(
     const at::Tensor& grad_a, const at::Tensor& grad_b, const at::Tensor& idx,
     const at::Tensor& val_a, const at::Tensor& val_b, const at::Tensor& counts,
-    const at::Tensor& W_dec, bool need_val_a, bool need_val_b, bool need_W_dec, bool W_from_b) {
+    const at::Tensor& W_dec, bool need_val_a, bool need_val_b, bool need_W_dec, bool W_from_b,
+    bool /*deterministic: always (grouped by feature)*/) {
   const char* op = "gsae_fast.sparse_decode_pair_backward";
   at::AutoDispatchBelowADInplaceOrView guard;
   check_decode_inputs(idx, val_a, counts, W_dec, op);

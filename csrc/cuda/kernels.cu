@@ -143,15 +143,12 @@ __global__ void slot_dot_pair_kernel(const A* __restrict__ g_a, const A* __restr
 
 // Deterministic grouped scatter: out[f, c] = sum_{p in [ptr[f], ptr[f+1])} vals[p] * src[rows[p], c],
 // the pairs of each feature in a fixed order (the host's stable sort). One block per feature
-// (empty ones return at once); per-feature sums of up to three value arrays ride along
-// (sums[j][f] = sum_p extra_j[p]) for the bias gradients.
+// (empty ones write zeros and are done); threads over c, so each src row is read coalesced.
 template <typename T, typename A>
 __global__ void segment_scatter_kernel(const int64_t* __restrict__ ptr,
                                        const int64_t* __restrict__ rows,
                                        const A* __restrict__ vals, const A* __restrict__ src,
-                                       T* __restrict__ out, int64_t width,
-                                       const A* __restrict__ extra, A* __restrict__ sums,
-                                       int n_extra, int64_t n_pairs, int64_t d_sae) {
+                                       T* __restrict__ out, int64_t width) {
   const int64_t f = blockIdx.x;
   const int64_t p0 = ptr[f], p1 = ptr[f + 1];
   for (int64_t c = threadIdx.x; c < width; c += blockDim.x) {
@@ -159,11 +156,55 @@ __global__ void segment_scatter_kernel(const int64_t* __restrict__ ptr,
     for (int64_t p = p0; p < p1; ++p) acc += vals[p] * src[rows[p] * width + c];
     out[f * width + c] = store<T, A>(acc);
   }
-  if (static_cast<int>(threadIdx.x) < n_extra) {
-    const int j = threadIdx.x;
-    A s = 0;
-    for (int64_t p = p0; p < p1; ++p) s += extra[j * n_pairs + p];
-    sums[j * d_sae + f] = s;
+}
+
+// The same scatter written transposed, out [width, d_sae] (grad W_enc in W_enc's own layout and
+// dtype: no [d_sae, d_in] staging copy and no transpose pass). A block owns a tile of kTileF
+// features x kTileC columns: warp w sums the pairs of features w, w + 8, ... with its lanes over
+// 4 column runs of 32 (coalesced src reads), parks the sums in shared memory, and the block
+// writes the tile out along features (coalesced stores). The padded row (kTileC + 1) keeps the
+// transposed read free of bank conflicts. Blocks of the first column tile also write the
+// per-feature sums of the n_extra rows of extra [n_extra, n_pairs] (the bias gradients).
+constexpr int kTileF = 32, kTileC = 128, kTileThreads = 256;
+
+template <typename T, typename A>
+__global__ void segment_scatter_t_kernel(const int64_t* __restrict__ ptr,
+                                         const int64_t* __restrict__ rows,
+                                         const A* __restrict__ vals, const A* __restrict__ src,
+                                         T* __restrict__ out, int64_t width, int64_t d_sae,
+                                         const A* __restrict__ extra, A* __restrict__ sums,
+                                         int n_extra, int64_t n_pairs) {
+  GSAE_SHARED_ARRAY(A, tile, kTileF * (kTileC + 1));
+  const int64_t f0 = static_cast<int64_t>(blockIdx.x) * kTileF;
+  const int64_t c0 = static_cast<int64_t>(blockIdx.y) * kTileC;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int j = warp; j < kTileF; j += kTileThreads / 32) {
+    A acc[kTileC / 32] = {};
+    if (f0 + j < d_sae) {
+      for (int64_t p = ptr[f0 + j]; p < ptr[f0 + j + 1]; ++p) {
+        const A v = vals[p];
+        const A* row = src + rows[p] * width;
+        for (int q = 0; q < kTileC / 32; ++q) {
+          const int64_t c = c0 + q * 32 + lane;
+          if (c < width) acc[q] += v * row[c];
+        }
+      }
+    }
+    for (int q = 0; q < kTileC / 32; ++q) tile[j * (kTileC + 1) + q * 32 + lane] = acc[q];
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < kTileF * kTileC; e += kTileThreads) {
+    const int j = e % kTileF, c = e / kTileF;
+    if (f0 + j < d_sae && c0 + c < width)
+      out[(c0 + c) * d_sae + f0 + j] = store<T, A>(tile[j * (kTileC + 1) + c]);
+  }
+  if (blockIdx.y == 0 && static_cast<int>(threadIdx.x) < kTileF * n_extra) {
+    const int j = threadIdx.x % kTileF, r = threadIdx.x / kTileF;
+    if (f0 + j < d_sae) {
+      A s = 0;
+      for (int64_t p = ptr[f0 + j]; p < ptr[f0 + j + 1]; ++p) s += extra[r * n_pairs + p];
+      sums[r * d_sae + f0 + j] = s;
+    }
   }
 }
 
@@ -312,14 +353,26 @@ void launch_slot_dot_pair(DType dt, const void* g_a, const void* g_b, const int3
 
 void launch_segment_scatter(DType out_dt, const int64_t* ptr, const int64_t* rows,
                             const void* vals, const void* src, void* out, int64_t d_sae,
-                            int64_t width, const void* extra, void* sums, int n_extra,
-                            int64_t n_pairs, cudaStream_t s) {
-  if (d_sae == 0) return;
+                            int64_t width, cudaStream_t s) {
+  if (d_sae == 0 || width == 0) return;
   GSAE_DISPATCH_W(out_dt, (launch_kernel(
       "segment_scatter_kernel", &segment_scatter_kernel<T, A>, dim3(static_cast<unsigned>(d_sae)),
       dim3(128), 0, s, ptr, rows, static_cast<const A*>(vals), static_cast<const A*>(src),
-      static_cast<T*>(out), width, static_cast<const A*>(extra), static_cast<A*>(sums), n_extra,
-      n_pairs, d_sae)));
+      static_cast<T*>(out), width)));
+}
+
+void launch_segment_scatter_t(DType out_dt, const int64_t* ptr, const int64_t* rows,
+                              const void* vals, const void* src, void* out, int64_t d_sae,
+                              int64_t width, const void* extra, void* sums, int n_extra,
+                              int64_t n_pairs, cudaStream_t s) {
+  if (d_sae == 0) return;
+  // One column tile even when width is 0: its blocks write the per-feature sums.
+  const dim3 grid(static_cast<unsigned>((d_sae + kTileF - 1) / kTileF),
+                  static_cast<unsigned>(width > 0 ? (width + kTileC - 1) / kTileC : 1));
+  GSAE_DISPATCH_W(out_dt, (launch_kernel(
+      "segment_scatter_t_kernel", &segment_scatter_t_kernel<T, A>, grid, dim3(kTileThreads), 0,
+      s, ptr, rows, static_cast<const A*>(vals), static_cast<const A*>(src), static_cast<T*>(out),
+      width, d_sae, static_cast<const A*>(extra), static_cast<A*>(sums), n_extra, n_pairs)));
 }
 
 void launch_atomic_scatter(bool fp64, const int32_t* idx, const void* val, const int32_t* counts,

@@ -38,13 +38,17 @@ void launch_decode_pair(DType dt, const int32_t* idx, const void* val_a, const v
 void launch_slot_dot_pair(DType dt, const void* g_a, const void* g_b, const int32_t* idx,
                           const int32_t* counts, const void* W, void* grad_a, void* grad_b,
                           int64_t B, int64_t K, int64_t d_in, cudaStream_t s);
-// out [d_sae, width] (A) = per feature f, sum over its pairs p (ptr[f] .. ptr[f+1], rows[p],
-// vals[p]) of vals[p] * src[rows[p]]; sums [n_extra, d_sae] = per-feature sums of the rows of
-// extra [n_extra, n_pairs]. Deterministic.
+// out [d_sae, width] (out_dt) = per feature f, sum over its pairs p (ptr[f] .. ptr[f+1], rows[p],
+// vals[p]) of vals[p] * src[rows[p]] (src [*, width], A). Deterministic.
 void launch_segment_scatter(DType out_dt, const int64_t* ptr, const int64_t* rows,
                             const void* vals, const void* src, void* out, int64_t d_sae,
-                            int64_t width, const void* extra, void* sums, int n_extra,
-                            int64_t n_pairs, cudaStream_t s);
+                            int64_t width, cudaStream_t s);
+// The same sums written transposed, out [width, d_sae] (out_dt), and sums [n_extra, d_sae] (A,
+// n_extra <= 8) = per-feature sums of the rows of extra [n_extra, n_pairs]. Deterministic.
+void launch_segment_scatter_t(DType out_dt, const int64_t* ptr, const int64_t* rows,
+                              const void* vals, const void* src, void* out, int64_t d_sae,
+                              int64_t width, const void* extra, void* sums, int n_extra,
+                              int64_t n_pairs, cudaStream_t s);
 // out [d_sae, width] (A, zeroed by the caller) += val[b, k] * src[b] at row idx[b, k]; atomics.
 void launch_atomic_scatter(bool fp64, const int32_t* idx, const void* val, const int32_t* counts,
                            const void* src, void* out, int64_t B, int64_t K, int64_t width,

@@ -15,8 +15,6 @@
 #include <torch/library.h>
 #include <torch/version.h>
 
-#include <cstdlib>
-#include <cstring>
 #include <initializer_list>
 #include <tuple>
 
@@ -50,7 +48,10 @@ constexpr const char* kTensorKind = "CUDA tensor";
 
 using gsae_fast_cuda::DType;
 
-constexpr int64_t ENCODE_BLOCK_ELEMS = int64_t(1) << 24;  // z block: 64 MiB in fp32
+// z block: 32 MiB in fp32, so that the epilogue reads it from L2 (50 MB on an H100 / H200) where
+// the GEMM just wrote it, rather than from HBM; blocks stay >= 2048 features at B = 4096, large
+// enough for cuBLAS to run at full speed.
+constexpr int64_t ENCODE_BLOCK_ELEMS = int64_t(1) << 23;
 
 at::ScalarType acc_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
@@ -115,10 +116,31 @@ Groups group_by_feature(const at::Tensor& idx, const at::Tensor& counts, int64_t
   return {ptr, pos, at::floor_divide(pos, K)};
 }
 
-bool deterministic_scatter() {
-  if (at::globalContext().deterministicAlgorithms()) return true;
-  const char* mode = std::getenv("GSAE_FAST_SCATTER");
-  return mode == nullptr || std::strcmp(mode, "atomic") != 0;  // default: grouped, as Triton's
+// grad W_dec [d_sae, d_in] in W's dtype: val [rows, K] * src [rows, d_in] (A) scattered to the
+// rows idx; grouped by feature (fixed order, written in W's dtype) or with atomics (fp32, then
+// converted), as the caller says.
+at::Tensor scatter_grad_W(const char* op, const at::Tensor& src, const at::Tensor& idx,
+                          const at::Tensor& counts, const at::Tensor& val, const at::Tensor& W,
+                          bool deterministic, cudaStream_t stream) {
+  const int64_t d_sae = W.size(0), d_in = W.size(1);
+  at::Tensor out;
+  if (deterministic) {
+    Groups g = group_by_feature(idx, counts, d_sae);
+    auto vals = val.flatten().index_select(0, g.pos).contiguous();
+    out = at::empty({d_sae, d_in}, W.options());
+    gsae_fast_cuda::launch_segment_scatter(dtype_code(W.scalar_type(), op),
+                                           g.ptr.data_ptr<int64_t>(), g.rows.data_ptr<int64_t>(),
+                                           vals.data_ptr(), src.data_ptr(), out.data_ptr(), d_sae,
+                                           d_in, stream);
+  } else {
+    out = at::zeros({d_sae, d_in}, src.options());
+    gsae_fast_cuda::launch_atomic_scatter(src.scalar_type() == at::kDouble,
+                                          idx.data_ptr<int32_t>(), val.data_ptr(),
+                                          counts.data_ptr<int32_t>(), src.data_ptr(),
+                                          out.data_ptr(), idx.size(0), idx.size(1), d_in, stream);
+  }
+  check_launch(op);
+  return out.to(W.scalar_type());
 }
 
 }  // namespace
@@ -166,74 +188,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_enc
   return {f, pi, idx, counts, status};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-gated_encode_backward_cuda(const at::Tensor& x, const at::Tensor& W_enc, const at::Tensor& b_dec,
-                           const at::Tensor& b_gate, const at::Tensor& r_mag,
-                           const at::Tensor& b_mag, const at::Tensor& idx, const at::Tensor& f,
-                           const at::Tensor& pi_gate, const at::Tensor& counts,
-                           const at::Tensor& grad_f, const at::Tensor& grad_pi_gate,
-                           bool need_x) {
-  const char* op = GSAE_OP("gated_encode_backward");
-  for (auto* t : {&x, &W_enc, &b_dec, &b_gate, &r_mag, &b_mag, &idx, &f, &pi_gate, &counts,
-                  &grad_f, &grad_pi_gate})
-    check_cuda(*t, op, "input");
-  check_sparse(idx, counts, f, op);
-  const int64_t B = x.size(0), d_in = x.size(1), d_sae = W_enc.size(1), K = idx.size(1);
+// The encoder's backward kernel: grad W_enc written transposed in x's dtype straight from the
+// pairs grouped by feature, and the per-feature sums of per_slot (ops.py does the rest).
+std::tuple<at::Tensor, at::Tensor> encode_grad_scatter_cuda(const at::Tensor& x,
+                                                            const at::Tensor& b_dec,
+                                                            const at::Tensor& idx,
+                                                            const at::Tensor& counts,
+                                                            const at::Tensor& per_slot,
+                                                            int64_t d_sae) {
+  const char* op = GSAE_OP("encode_grad_scatter");
+  for (auto* t : {&x, &b_dec, &idx, &counts, &per_slot}) check_cuda(*t, op, "input");
+  TORCH_CHECK(x.dim() == 2, op, ": x must be [B, d_in]");
+  TORCH_CHECK(d_sae >= 0, op, ": d_sae must be >= 0");
+  const int64_t B = x.size(0), d_in = x.size(1);
   const auto dt = x.scalar_type();
   const auto acc = acc_of(dt);
-  TORCH_CHECK(W_enc.scalar_type() == dt, op, ": W_enc must have x's dtype ", dt);
-  for (auto* t : {&f, &pi_gate, &grad_f, &grad_pi_gate})
-    TORCH_CHECK(t->scalar_type() == acc && t->sizes() == idx.sizes(), op,
-                ": f, pi_gate and their gradients must be ", acc, " of idx's shape");
+  TORCH_CHECK(b_dec.dim() == 1 && b_dec.size(0) == d_in && b_dec.scalar_type() == dt, op,
+              ": b_dec must be [d_in] in x's dtype");
+  TORCH_CHECK(idx.dim() == 2 && idx.size(0) == B, op, ": idx must be [B, K] with x's B");
+  TORCH_CHECK(per_slot.dim() == 3 && per_slot.size(0) >= 1 && per_slot.size(0) <= 8 &&
+                  per_slot.scalar_type() == acc,
+              op, ": per_slot must be [C, B, K] (1 <= C <= 8) of ", acc);
+  check_sparse(idx, counts, per_slot[0], op);
   const DeviceGuard guard(x.device());
-  auto stream = current_stream();
-
-  auto mask = at::arange(K, idx.options().dtype(at::kLong)).unsqueeze(0) <
-              counts.to(at::kLong).unsqueeze(1);
-  auto i = at::where(mask, idx, 0).to(at::kLong);  // padding never indexes (it may hold anything)
-  auto zero = at::zeros({}, f.options());
-  auto er = r_mag.to(acc).exp();
-  auto dpm = at::where(mask & (f > 0), grad_f, zero);       // d pre-magnitude
-  auto gp = at::where(mask, grad_pi_gate, zero);            // d pi_gate
-  auto dz = (gp + er.index_select(0, i.flatten()).view_as(f) * dpm).contiguous();
-  auto z = pi_gate - b_gate.to(acc).index_select(0, i.flatten()).view_as(f);
-
+  const int64_t C = per_slot.size(0);
   Groups g = group_by_feature(idx, counts, d_sae);
-  const int64_t n_pairs = g.pos.size(0);
-  auto vals = dz.flatten().index_select(0, g.pos).contiguous();
-  auto extra = at::stack({gp.flatten().index_select(0, g.pos),
-                          dpm.flatten().index_select(0, g.pos),
-                          (dpm * z).flatten().index_select(0, g.pos)})
-                   .contiguous();
+  // The per-slot values in feature order; row 0 (dz) weighs the scatter.
+  auto sorted = per_slot.reshape({C, -1}).index_select(1, g.pos).contiguous();
   auto xc = (x.to(acc) - b_dec.to(acc)).contiguous();
-  auto dWt = at::empty({d_sae, d_in}, x.options());  // [d_sae, d_in] in x's dtype: coalesced rows
-  auto sums = at::empty({3, d_sae}, x.options().dtype(acc));
-  gsae_fast_cuda::launch_segment_scatter(dtype_code(dt, op), g.ptr.data_ptr<int64_t>(),
-                                         g.rows.data_ptr<int64_t>(), vals.data_ptr(),
-                                         xc.data_ptr(), dWt.data_ptr(), d_sae, d_in,
-                                         extra.data_ptr(), sums.data_ptr(), 3, n_pairs, stream);
+  auto grad_W = at::empty({d_in, d_sae}, x.options());
+  auto sums = at::empty({C, d_sae}, per_slot.options());
+  gsae_fast_cuda::launch_segment_scatter_t(dtype_code(dt, op), g.ptr.data_ptr<int64_t>(),
+                                           g.rows.data_ptr<int64_t>(), sorted.data_ptr(),
+                                           xc.data_ptr(), grad_W.data_ptr(), d_sae, d_in,
+                                           sorted.data_ptr(), sums.data_ptr(),
+                                           static_cast<int>(C), g.pos.size(0), current_stream());
   check_launch(op);
-  auto s = sums[0] + er * sums[1];  // per-feature sums of dz
-  // -W_enc @ s by feature blocks: never a whole fp32 copy of a bf16 / fp16 W_enc.
-  auto db_dec = at::zeros({d_in}, x.options().dtype(acc));
-  const int64_t cb = std::max<int64_t>(1, ENCODE_BLOCK_ELEMS / std::max<int64_t>(d_in, 1));
-  for (int64_t f0 = 0; f0 < d_sae; f0 += cb) {
-    const int64_t F = std::min(cb, d_sae - f0);
-    db_dec.sub_(at::mv(W_enc.narrow(1, f0, F).to(acc), s.narrow(0, f0, F)));
-  }
-  at::Tensor dx = at::empty({0}, x.options());
-  if (need_x) {  // dx = S @ W_enc^T: a sparse decode through W_enc^T
-    auto WT = W_enc.t().contiguous();
-    dx = at::empty({B, d_in}, x.options());
-    gsae_fast_cuda::launch_decode(dtype_code(dt, op), idx.data_ptr<int32_t>(), dz.data_ptr(),
-                                  counts.data_ptr<int32_t>(), WT.data_ptr(), nullptr,
-                                  dx.data_ptr(), B, K, d_in, stream);
-    check_launch(op);
-  }
-  // copy=true: rows of `sums` must not come back as views of one tensor when dt is already the
-  // accumulation dtype (fp64): the outputs of a custom op may not alias each other.
-  return {dx, dWt.t().contiguous(), db_dec.to(dt), sums[0].to(dt, false, true),
-          (er * sums[2]).to(dt), sums[1].to(dt, false, true)};
+  return {grad_W, sums};
 }
 
 namespace {
@@ -275,14 +266,14 @@ at::Tensor sparse_decode_cuda(const at::Tensor& idx, const at::Tensor& val,
 
 std::tuple<at::Tensor, at::Tensor> sparse_decode_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& idx, const at::Tensor& val,
-    const at::Tensor& counts, const at::Tensor& W_dec, bool need_val, bool need_W_dec) {
+    const at::Tensor& counts, const at::Tensor& W_dec, bool need_val, bool need_W_dec,
+    bool deterministic) {
   const char* op = GSAE_OP("sparse_decode_backward");
   for (auto* t : {&grad_out, &idx, &val, &counts, &W_dec}) check_cuda(*t, op, "input");
   check_sparse(idx, counts, val, op);
   const auto acc = acc_of(W_dec.scalar_type());
-  const bool fp64 = acc == at::kDouble;
   TORCH_CHECK(val.scalar_type() == acc, op, ": values must be ", acc);
-  const int64_t B = idx.size(0), K = idx.size(1), d_sae = W_dec.size(0), d_in = W_dec.size(1);
+  const int64_t B = idx.size(0), K = idx.size(1), d_in = W_dec.size(1);
   TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == B && grad_out.size(1) == d_in, op,
               ": grad_out must be [B, d_in]");
   const DeviceGuard guard(W_dec.device());
@@ -297,26 +288,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_backward_cuda(
     check_launch(op);
   }
   at::Tensor grad_W = at::empty({0}, W_dec.options());
-  if (need_W_dec) {
-    at::Tensor out;
-    if (deterministic_scatter()) {
-      Groups gr = group_by_feature(idx, counts, d_sae);
-      auto vals = val.flatten().index_select(0, gr.pos).contiguous();
-      out = at::empty({d_sae, d_in}, W_dec.options());  // written in W_dec's dtype directly
-      gsae_fast_cuda::launch_segment_scatter(dtype_code(W_dec.scalar_type(), op),
-                                             gr.ptr.data_ptr<int64_t>(),
-                                             gr.rows.data_ptr<int64_t>(), vals.data_ptr(),
-                                             g.data_ptr(), out.data_ptr(), d_sae, d_in, nullptr,
-                                             nullptr, 0, gr.pos.size(0), stream);
-    } else {
-      out = at::zeros({d_sae, d_in}, g.options());
-      gsae_fast_cuda::launch_atomic_scatter(fp64, idx.data_ptr<int32_t>(), val.data_ptr(),
-                                            counts.data_ptr<int32_t>(), g.data_ptr(),
-                                            out.data_ptr(), B, K, d_in, stream);
-    }
-    check_launch(op);
-    grad_W = out.to(W_dec.scalar_type());
-  }
+  if (need_W_dec) grad_W = scatter_grad_W(op, g, idx, counts, val, W_dec, deterministic, stream);
   return {grad_val, grad_W};
 }
 
@@ -343,17 +315,17 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_pair_cuda(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_decode_pair_backward_cuda(
     const at::Tensor& grad_a, const at::Tensor& grad_b, const at::Tensor& idx,
     const at::Tensor& val_a, const at::Tensor& val_b, const at::Tensor& counts,
-    const at::Tensor& W_dec, bool need_val_a, bool need_val_b, bool need_W_dec, bool W_from_b) {
+    const at::Tensor& W_dec, bool need_val_a, bool need_val_b, bool need_W_dec, bool W_from_b,
+    bool deterministic) {
   const char* op = GSAE_OP("sparse_decode_pair_backward");
   for (auto* t : {&grad_a, &grad_b, &idx, &val_a, &val_b, &counts, &W_dec})
     check_cuda(*t, op, "input");
   check_sparse(idx, counts, val_a, op);
   check_sparse(idx, counts, val_b, op);
   const auto acc = acc_of(W_dec.scalar_type());
-  const bool fp64 = acc == at::kDouble;
   TORCH_CHECK(val_a.scalar_type() == acc && val_b.scalar_type() == acc, op,
               ": values must be ", acc);
-  const int64_t B = idx.size(0), K = idx.size(1), d_sae = W_dec.size(0), d_in = W_dec.size(1);
+  const int64_t B = idx.size(0), K = idx.size(1), d_in = W_dec.size(1);
   for (auto* t : {&grad_a, &grad_b})
     TORCH_CHECK(t->dim() == 2 && t->size(0) == B && t->size(1) == d_in, op,
                 ": grad_a and grad_b must be [B, d_in]");
@@ -380,24 +352,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_decode_pair_backward_cuda(
     auto scounts = W_from_b ? at::cat({counts, counts}) : counts;
     auto sval = W_from_b ? at::cat({val_a, val_b}).contiguous() : val_a;
     auto src = W_from_b ? at::cat({ga, gb}).contiguous() : ga;
-    const int64_t rows = sidx.size(0);
-    at::Tensor out;
-    if (deterministic_scatter()) {
-      Groups gr = group_by_feature(sidx, scounts, d_sae);
-      auto vals = sval.flatten().index_select(0, gr.pos).contiguous();
-      out = at::empty({d_sae, d_in}, W_dec.options());
-      gsae_fast_cuda::launch_segment_scatter(dt, gr.ptr.data_ptr<int64_t>(),
-                                             gr.rows.data_ptr<int64_t>(), vals.data_ptr(),
-                                             src.data_ptr(), out.data_ptr(), d_sae, d_in,
-                                             nullptr, nullptr, 0, gr.pos.size(0), stream);
-    } else {
-      out = at::zeros({d_sae, d_in}, ga.options());
-      gsae_fast_cuda::launch_atomic_scatter(fp64, sidx.data_ptr<int32_t>(), sval.data_ptr(),
-                                            scounts.data_ptr<int32_t>(), src.data_ptr(),
-                                            out.data_ptr(), rows, K, d_in, stream);
-    }
-    check_launch(op);
-    grad_W = out.to(W_dec.scalar_type());
+    grad_W = scatter_grad_W(op, src, sidx, scounts, sval, W_dec, deterministic, stream);
   }
   return {gva, gvb, grad_W};
 }
@@ -408,7 +363,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_decode_pair_backward_cuda(
 #if !defined(GSAE_FAST_CUDA_EMULATED)  // the emulated build registers in csrc/emu/ops_emu.cpp
 TORCH_LIBRARY_IMPL(gsae_fast_C, CUDA, m) {
   m.impl("gated_encode", &gsae_fast::gated_encode_cuda);
-  m.impl("gated_encode_backward", &gsae_fast::gated_encode_backward_cuda);
+  m.impl("encode_grad_scatter", &gsae_fast::encode_grad_scatter_cuda);
   m.impl("sparse_decode", &gsae_fast::sparse_decode_cuda);
   m.impl("sparse_decode_backward", &gsae_fast::sparse_decode_backward_cuda);
   m.impl("sparse_decode_pair", &gsae_fast::sparse_decode_pair_cuda);

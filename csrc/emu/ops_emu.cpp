@@ -36,7 +36,7 @@ TORCH_LIBRARY(gsae_fast_emu, m) {
 TORCH_LIBRARY_IMPL(gsae_fast_emu, CPU, m) {
   using namespace gsae_fast;
   m.impl("gated_encode", &emu_memory::Guarded<&gated_encode_cuda>::call);
-  m.impl("gated_encode_backward", &emu_memory::Guarded<&gated_encode_backward_cuda>::call);
+  m.impl("encode_grad_scatter", &emu_memory::Guarded<&encode_grad_scatter_cuda>::call);
   m.impl("sparse_decode", &emu_memory::Guarded<&sparse_decode_cuda>::call);
   m.impl("sparse_decode_backward", &emu_memory::Guarded<&sparse_decode_backward_cuda>::call);
   m.impl("sparse_decode_pair", &emu_memory::Guarded<&sparse_decode_pair_cuda>::call);
