@@ -13,7 +13,7 @@ import torch
 
 from conftest import (CPU_BACKENDS, default_emulated_schedule, emulated_schedule, make_params,
                       make_x, rel_err)
-from gsae_fast import backends, ops
+from gsae_fast import backends, ops, reference
 
 pytestmark = pytest.mark.skipif("cuda_emulated" not in CPU_BACKENDS,
                                 reason="the C++ extension (with the emulator) is not built")
@@ -240,3 +240,32 @@ def test_emulated_executor_is_never_auto():
     assert backends.resolve("auto", "cpu") != "cuda_emulated"
     with pytest.raises(RuntimeError, match="runs on CPU tensors"):
         backends.resolve("cuda_emulated", "meta")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape", [(48, 64, 512), (40, 37, 301)])
+def test_vector_loads_and_element_loads_match_the_reference(dtype, shape):
+    """The CUDA gathers and the encode epilogue load 16 bytes at a time when the sizes and the
+    buffers allow (d_in a multiple of 16 bytes of W, the feature block a multiple of 4, aligned
+    buffers: here every buffer's size is a multiple of 16 bytes, so the emulator's guarded buffers
+    are aligned too) and element by element otherwise (the odd shape): the whole loss, its
+    gradients and x's gradient against the float64 reference, both ways."""
+    B, d_in, d_sae = shape
+    p, W_dec = make_params(d_in, d_sae, dtype, l0_frac=0.1, seed=8)
+    x = make_x((B, d_in), dtype, seed=9)
+    names = ["W_enc", "W_dec", "b_dec", "b_gate", "r_mag", "b_mag"]
+
+    def run(fn, cast):
+        t = {k: cast(v).requires_grad_() for k, v in dict(p, W_dec=W_dec, x=x).items()}
+        out = fn(t["x"], *[t[k] for k in names], 0.05, aux="shared")
+        out.loss.backward()
+        return out, {k: t[k].grad for k in names + ["x"]}
+
+    out, grads = run(lambda *a, **k: ops.gated_sae_loss(*a, **k, backend="cuda_emulated"),
+                     lambda v: v.clone())
+    ref, ref_grads = run(reference.gated_sae_loss, lambda v: v.double())
+    tol = {torch.float64: 1e-11, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    assert out.l0.item() == ref.l0.item()
+    assert rel_err(out.loss, ref.loss) < tol
+    for k in grads:
+        assert rel_err(grads[k], ref_grads[k]) < 5 * tol, k

@@ -20,24 +20,18 @@ inline namespace GSAE_CUDA_VARIANT {
 
 enum class DType { F32, F64, BF16, F16 };  // the storage dtype of the weight matrices
 
-// out [B, d_in] (W's dtype) = sum over the active slots of val * W[idx] (+ bias, A).
-void launch_decode(DType dt, const int32_t* idx, const void* val, const int32_t* counts,
-                   const void* W, const void* bias, void* out, int64_t B, int64_t K,
-                   int64_t d_in, cudaStream_t s);
-// grad_val [B, K] (A) = W[idx[b, k]] . g[b] with g [B, d_in] (A); 0 on padding slots.
-void launch_slot_dot(DType dt, const void* g, const int32_t* idx, const int32_t* counts,
-                     const void* W, void* grad_val, int64_t B, int64_t K, int64_t d_in,
-                     cudaStream_t s);
-// The pair decode: out_a / out_b [B, d_in] (W's dtype) from val_a / val_b over the same slots,
-// one load of each W element for both.
-void launch_decode_pair(DType dt, const int32_t* idx, const void* val_a, const void* val_b,
-                        const int32_t* counts, const void* W, const void* bias, void* out_a,
-                        void* out_b, int64_t B, int64_t K, int64_t d_in, cudaStream_t s);
-// grad_a / grad_b [B, K] (A) = W[idx[b, k]] . g_a / g_b[b]; one read of each row for both dots;
-// a null grad_a / grad_b is not written (its g may be any valid [B, d_in] buffer).
-void launch_slot_dot_pair(DType dt, const void* g_a, const void* g_b, const int32_t* idx,
-                          const int32_t* counts, const void* W, void* grad_a, void* grad_b,
-                          int64_t B, int64_t K, int64_t d_in, cudaStream_t s);
+// out_a [B, d_in] (W's dtype) = sum over the active slots of val_a * W[idx] (+ bias, A), and
+// out_b likewise from val_b (the pair decode: one load of each W element for both; val_b null:
+// the single decode, out_b unused).
+void launch_decode(DType dt, const int32_t* idx, const void* val_a, const void* val_b,
+                   const int32_t* counts, const void* W, const void* bias, void* out_a,
+                   void* out_b, int64_t B, int64_t K, int64_t d_in, cudaStream_t s);
+// grad_a [B, K] (A) = W[idx[b, k]] . g_a[b] with g_a [B, d_in] (A), 0 on padding slots, and
+// grad_b from g_b with the same reads of each row (g_b null: the single one). A null grad_a /
+// grad_b is not written (its g may then be any valid [B, d_in] buffer).
+void launch_slot_dot(DType dt, const void* g_a, const void* g_b, const int32_t* idx,
+                     const int32_t* counts, const void* W, void* grad_a, void* grad_b, int64_t B,
+                     int64_t K, int64_t d_in, cudaStream_t s);
 // out [d_sae, width] (out_dt) = per feature f, sum over its pairs p (ptr[f] .. ptr[f+1], rows[p],
 // vals[p]) of vals[p] * src[rows[p]] (src [*, width], A). Deterministic.
 void launch_segment_scatter(DType out_dt, const int64_t* ptr, const int64_t* rows,
