@@ -165,3 +165,22 @@ def test_pair_decoder_gradient_scatter_modes(backend, mode, W_from_b):
     if W_from_b:
         ref = ref + _dense(acts, acts.pi_gate).t() @ gb.double()
     assert rel_err(gW, ref) < 1e-5
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_pair_with_no_slots_is_the_bias_twice(backend):
+    """Capacity 0 (no slot at all: the value tensors are empty, their data pointers null): both
+    outputs are the bias, and the backward gives empty value gradients and a zero grad W_dec."""
+    B, d_in, d_sae = 3, 5, 7
+    idx = torch.zeros(B, 0, dtype=torch.int32)
+    val = torch.zeros(B, 0, dtype=torch.float64)
+    counts = torch.zeros(B, dtype=torch.int32)
+    W = make_x((d_sae, d_in), torch.float64, seed=2)
+    bias = make_x((d_in,), torch.float64, seed=3)
+    a, b = torch.ops.gsae_fast.sparse_decode_pair(idx, val, val.clone(), counts, W, bias, True,
+                                                  backend)
+    assert torch.equal(a, bias.expand(B, d_in)) and torch.equal(b, bias.expand(B, d_in))
+    g = make_x((B, d_in), torch.float64, seed=4)
+    gva, gvb, gW = torch.ops.gsae_fast.sparse_decode_pair_backward(
+        g, g, idx, val, val.clone(), counts, W, True, True, True, True, True, backend)
+    assert gva.shape == gvb.shape == (B, 0) and torch.equal(gW, torch.zeros_like(W))

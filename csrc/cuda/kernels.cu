@@ -374,11 +374,12 @@ void slot_dot_t(const void* g_a, const void* g_b, const int32_t* idx, const int3
     case DType::F16: { using T = __half; using A = float; __VA_ARGS__; break; }  \
   }
 
-void launch_decode(DType dt, const int32_t* idx, const void* val_a, const void* val_b,
-                   const int32_t* counts, const void* W, const void* bias, void* out_a,
-                   void* out_b, int64_t B, int64_t K, int64_t d_in, cudaStream_t s) {
+void launch_decode(DType dt, bool pair, const int32_t* idx, const void* val_a,
+                   const void* val_b, const int32_t* counts, const void* W, const void* bias,
+                   void* out_a, void* out_b, int64_t B, int64_t K, int64_t d_in,
+                   cudaStream_t s) {
   if (B == 0 || d_in == 0) return;
-  if (val_b == nullptr) {
+  if (!pair) {
     GSAE_DISPATCH_W(dt, (decode_t<T, A, false>(idx, val_a, nullptr, counts, W, bias, out_a,
                                                 nullptr, B, K, d_in, s)));
   } else {
@@ -387,11 +388,11 @@ void launch_decode(DType dt, const int32_t* idx, const void* val_a, const void* 
   }
 }
 
-void launch_slot_dot(DType dt, const void* g_a, const void* g_b, const int32_t* idx,
+void launch_slot_dot(DType dt, bool pair, const void* g_a, const void* g_b, const int32_t* idx,
                      const int32_t* counts, const void* W, void* grad_a, void* grad_b, int64_t B,
                      int64_t K, int64_t d_in, cudaStream_t s) {
   if (B * K == 0) return;
-  if (g_b == nullptr) {
+  if (!pair) {
     GSAE_DISPATCH_W(dt, (slot_dot_t<T, A, false>(g_a, nullptr, idx, counts, W, grad_a, nullptr,
                                                   B, K, d_in, s)));
   } else {

@@ -20,16 +20,17 @@ inline namespace GSAE_CUDA_VARIANT {
 
 enum class DType { F32, F64, BF16, F16 };  // the storage dtype of the weight matrices
 
-// out_a [B, d_in] (W's dtype) = sum over the active slots of val_a * W[idx] (+ bias, A), and
-// out_b likewise from val_b (the pair decode: one load of each W element for both; val_b null:
-// the single decode, out_b unused).
-void launch_decode(DType dt, const int32_t* idx, const void* val_a, const void* val_b,
-                   const int32_t* counts, const void* W, const void* bias, void* out_a,
-                   void* out_b, int64_t B, int64_t K, int64_t d_in, cudaStream_t s);
-// grad_a [B, K] (A) = W[idx[b, k]] . g_a[b] with g_a [B, d_in] (A), 0 on padding slots, and
-// grad_b from g_b with the same reads of each row (g_b null: the single one). A null grad_a /
-// grad_b is not written (its g may then be any valid [B, d_in] buffer).
-void launch_slot_dot(DType dt, const void* g_a, const void* g_b, const int32_t* idx,
+// out_a [B, d_in] (W's dtype) = sum over the active slots of val_a * W[idx] (+ bias, A), and,
+// with `pair`, out_b likewise from val_b (one load of each W element for both; without it val_b
+// and out_b are not read). (A flag, not a null val_b: an empty tensor's data pointer is null.)
+void launch_decode(DType dt, bool pair, const int32_t* idx, const void* val_a,
+                   const void* val_b, const int32_t* counts, const void* W, const void* bias,
+                   void* out_a, void* out_b, int64_t B, int64_t K, int64_t d_in,
+                   cudaStream_t s);
+// grad_a [B, K] (A) = W[idx[b, k]] . g_a[b] with g_a [B, d_in] (A), 0 on padding slots, and,
+// with `pair`, grad_b from g_b with the same reads of each row. A null grad_a / grad_b is not
+// written.
+void launch_slot_dot(DType dt, bool pair, const void* g_a, const void* g_b, const int32_t* idx,
                      const int32_t* counts, const void* W, void* grad_a, void* grad_b, int64_t B,
                      int64_t K, int64_t d_in, cudaStream_t s);
 // out [d_sae, width] (out_dt) = per feature f, sum over its pairs p (ptr[f] .. ptr[f+1], rows[p],

@@ -256,9 +256,10 @@ at::Tensor sparse_decode_cuda(const at::Tensor& idx, const at::Tensor& val,
   const DeviceGuard guard(W_dec.device());
   const int64_t B = idx.size(0), K = idx.size(1), d_in = W_dec.size(1);
   auto out = at::empty({B, d_in}, W_dec.options());
-  gsae_fast_cuda::launch_decode(dtype_code(W_dec.scalar_type(), op), idx.data_ptr<int32_t>(),
-                                val.data_ptr(), nullptr, counts.data_ptr<int32_t>(),
-                                W_dec.data_ptr(), b.defined() ? b.data_ptr() : nullptr,
+  gsae_fast_cuda::launch_decode(dtype_code(W_dec.scalar_type(), op), false,
+                                idx.data_ptr<int32_t>(), val.data_ptr(), nullptr,
+                                counts.data_ptr<int32_t>(), W_dec.data_ptr(),
+                                b.defined() ? b.data_ptr() : nullptr,
                                 out.data_ptr(), nullptr, B, K, d_in, current_stream());
   check_launch(op);
   return out;
@@ -282,8 +283,8 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_backward_cuda(
   at::Tensor grad_val = at::empty({0}, val.options());
   if (need_val) {
     grad_val = at::empty_like(val);
-    gsae_fast_cuda::launch_slot_dot(dtype_code(W_dec.scalar_type(), op), g.data_ptr(), nullptr,
-                                    idx.data_ptr<int32_t>(), counts.data_ptr<int32_t>(),
+    gsae_fast_cuda::launch_slot_dot(dtype_code(W_dec.scalar_type(), op), false, g.data_ptr(),
+                                    nullptr, idx.data_ptr<int32_t>(), counts.data_ptr<int32_t>(),
                                     W_dec.data_ptr(), grad_val.data_ptr(), nullptr, B, K, d_in,
                                     stream);
     check_launch(op);
@@ -304,9 +305,10 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_pair_cuda(
   const int64_t B = idx.size(0), K = idx.size(1), d_in = W_dec.size(1);
   auto out_a = at::empty({B, d_in}, W_dec.options());
   auto out_b = at::empty({B, d_in}, W_dec.options());
-  gsae_fast_cuda::launch_decode(dtype_code(W_dec.scalar_type(), op), idx.data_ptr<int32_t>(),
-                                val_a.data_ptr(), val_b.data_ptr(), counts.data_ptr<int32_t>(),
-                                W_dec.data_ptr(), b.defined() ? b.data_ptr() : nullptr,
+  gsae_fast_cuda::launch_decode(dtype_code(W_dec.scalar_type(), op), true,
+                                idx.data_ptr<int32_t>(), val_a.data_ptr(), val_b.data_ptr(),
+                                counts.data_ptr<int32_t>(), W_dec.data_ptr(),
+                                b.defined() ? b.data_ptr() : nullptr,
                                 out_a.data_ptr(), out_b.data_ptr(), B, K, d_in,
                                 current_stream());
   check_launch(op);
@@ -339,7 +341,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_decode_pair_backward_cuda(
   at::Tensor gvb = need_val_b ? at::empty_like(val_b) : at::empty({0}, val_b.options());
   if (need_val_a || need_val_b) {  // one read of each row for the one or two dots wanted
     const bool both = need_val_a && need_val_b;
-    gsae_fast_cuda::launch_slot_dot(dt, need_val_a ? ga.data_ptr() : gb.data_ptr(),
+    gsae_fast_cuda::launch_slot_dot(dt, both, need_val_a ? ga.data_ptr() : gb.data_ptr(),
                                     both ? gb.data_ptr() : nullptr, idx.data_ptr<int32_t>(),
                                     counts.data_ptr<int32_t>(), W_dec.data_ptr(),
                                     need_val_a ? gva.data_ptr() : gvb.data_ptr(),
