@@ -8,11 +8,12 @@
 
 See README.md, and ../DESIGN.md for the math and conventions.
 """
-from . import backends, interop, ops, reference, topk
+from . import backends, interop, ops, reference, saes, topk
+from . import jumprelu, modules  # noqa: F401  (the old homes, re-exports: gsae_fast.saes)
 from .backends import available_backends
 from .interop import UnsupportedSAEError
 from .interop import load
-from .modules import BatchTopKSAE, GatedSAE, JumpReLUSAE, TopKSAE
+from .saes import BatchTopKSAE, GatedSAE, JumpReLUSAE, TopKSAE
 from .ops import gated_encode, gated_sae_loss, sparse_decode
 from .patch import (patch_dictionary_learning, patch_sae_lens, unpatch_dictionary_learning,
                     unpatch_sae_lens)
@@ -21,6 +22,6 @@ from .types import GatedLoss, SparseActs
 __version__ = "0.1.0"
 __all__ = ["GatedSAE", "JumpReLUSAE", "TopKSAE", "BatchTopKSAE", "load", "SparseActs",
            "GatedLoss", "available_backends", "gated_encode", "sparse_decode", "gated_sae_loss",
-           "ops", "reference", "backends", "interop", "topk", "UnsupportedSAEError",
+           "ops", "reference", "backends", "interop", "saes", "topk", "UnsupportedSAEError",
            "patch_sae_lens", "unpatch_sae_lens", "patch_dictionary_learning",
            "unpatch_dictionary_learning"]

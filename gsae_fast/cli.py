@@ -26,7 +26,7 @@ from . import backends, metrics
 from .progress import Progress
 from .synthetic import SyntheticConfig, SyntheticFeatures, feature_recovery
 from .train import TrainConfig, Trainer
-from .modules import GatedSAE
+from .saes import GatedSAE
 
 # The demo's defaults: ~1 minute on 2 CPU cores. The recovery goal is checked in
 # tests/test_train.py on a shorter run (see the threshold there for how it was measured).

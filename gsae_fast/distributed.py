@@ -303,7 +303,7 @@ def init_shard(d_in: int, d_sae: int, features: tuple[int, int], *, device, back
     """A GatedSAE holding features [start, stop) of the one ``GatedSAE(d_in, d_sae, ...)``
     would initialise now (the same RNG draws: a sharded run starts where a single-process one
     does). The full ``W_dec`` exists for a moment on ``device``."""
-    from .modules import GatedSAE, init_decoder
+    from .saes import GatedSAE, init_decoder
     start, stop = features
     W = init_decoder(d_in, d_sae, decoder_init_norm, rows=features, device=device)
     if backend not in ("auto", "reference"):
@@ -426,7 +426,7 @@ def gathered_sae(path: str, backend: str = "auto"):
     """The whole GatedSAE (on the CPU) of a checkpoint, sharded or not (its parameters only
     are read: at the end of a run rank 0 does this while the other ranks wait in a barrier
     under the process group's timeout)."""
-    from .modules import GatedSAE
+    from .saes import GatedSAE
     params = read_checkpoint(path, optimizer=False)["sae"]
     d_sae, d_in = params["W_dec"].shape
     sae = GatedSAE(d_in, d_sae, device="meta", decoder_init_norm=None)

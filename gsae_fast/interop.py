@@ -1,7 +1,8 @@
 """Converters and checkpoints between gsae_fast's SAEs (:class:`gsae_fast.GatedSAE`,
 :class:`gsae_fast.JumpReLUSAE`, :class:`gsae_fast.TopKSAE`, :class:`gsae_fast.BatchTopKSAE`) and
-SAELens and dictionary_learning (table ``ARCHS``; below, the Gated names, the others are
-SAELens' names too).
+SAELens and dictionary_learning (table ``ARCHS``: the registry of gsae_fast.saes, where each
+architecture's module holds its entry; below, the Gated names, the others are SAELens' names
+too).
 
 - SAELens (``sae_lens.saes.gated_sae.GatedSAE`` / ``GatedTrainingSAE``): the same parameter names
   and layouts. On disk: ``cfg.json`` + ``sae_weights.safetensors`` (``SAE.save_model`` /
@@ -30,66 +31,18 @@ from __future__ import annotations
 import importlib
 import json
 import os
-from dataclasses import dataclass, field
 from typing import Optional, Union
 
 import torch
 from torch import nn
 
+# The registry (each architecture's module in gsae_fast.saes holds its class and its Arch) and
+# the error; these names stay importable from here.
+from .saes import ARCHS, Arch, UnsupportedSAEError  # noqa: F401
+
 SAE_LENS_CFG, SAE_LENS_WEIGHTS = "cfg.json", "sae_weights.safetensors"
 DL_CFG, DL_WEIGHTS = "config.json", "ae.pt"
 SAE_LENS_FORMAT = "6.0.0"
-
-
-@dataclass(frozen=True)
-class Arch:
-    """One SAE architecture as each library names it."""
-    name: str          # SAELens "architecture"
-    module: str        # class in gsae_fast.modules
-    params: tuple      # our parameter names (SAELens' too)
-    sae_lens: tuple    # SAELens module, inference class, its config, training class, its config
-    dl_class: str      # dictionary_learning class (in dl_module)
-    dl_keys: dict      # dictionary_learning state-dict key -> (our name, transposed)
-    hyper: tuple = ()  # SAELens config fields that define the SAE (module attributes too)
-    buffers: tuple = ()  # SAELens state-dict tensors beside the parameters (module buffers)
-    dl_module: str = "dictionary_learning.dictionary"
-    dl_extra: dict = field(default_factory=dict)  # dictionary_learning buffer -> our attribute
-
-
-_TOPK_DL_KEYS = {"encoder.weight": ("W_enc", True), "decoder.weight": ("W_dec", True),
-                 "encoder.bias": ("b_enc", False), "b_dec": ("b_dec", False)}
-_TOPK_PARAMS = ("W_enc", "W_dec", "b_dec", "b_enc")
-
-ARCHS = {
-    "gated": Arch("gated", "GatedSAE", ("W_enc", "W_dec", "b_dec", "b_gate", "r_mag", "b_mag"),
-                  ("sae_lens.saes.gated_sae", "GatedSAE", "GatedSAEConfig", "GatedTrainingSAE",
-                   "GatedTrainingSAEConfig"), "GatedAutoEncoder",
-                  {"encoder.weight": ("W_enc", True), "decoder.weight": ("W_dec", True),
-                   "decoder_bias": ("b_dec", False), "gate_bias": ("b_gate", False),
-                   "r_mag": ("r_mag", False), "mag_bias": ("b_mag", False)}),
-    "jumprelu": Arch("jumprelu", "JumpReLUSAE", ("W_enc", "W_dec", "b_dec", "b_enc", "threshold"),
-                     ("sae_lens.saes.jumprelu_sae", "JumpReLUSAE", "JumpReLUSAEConfig",
-                      "JumpReLUTrainingSAE", "JumpReLUTrainingSAEConfig"), "JumpReluAutoEncoder",
-                     {k: (k, False) for k in ("W_enc", "W_dec", "b_dec", "b_enc", "threshold")}),
-    "topk": Arch("topk", "TopKSAE", _TOPK_PARAMS,
-                 ("sae_lens.saes.topk_sae", "TopKSAE", "TopKSAEConfig", "TopKTrainingSAE",
-                  "TopKTrainingSAEConfig"), "AutoEncoderTopK", _TOPK_DL_KEYS,
-                 hyper=("k", "rescale_acts_by_decoder_norm"),
-                 dl_module="dictionary_learning.trainers.top_k",
-                 dl_extra={"k": "k", "threshold": "dl_threshold"}),
-    # SAELens has no inference class for it: a trained BatchTopK SAE is saved as a JumpReLU one.
-    "batchtopk": Arch("batchtopk", "BatchTopKSAE", _TOPK_PARAMS,
-                      ("sae_lens.saes.batchtopk_sae", None, None, "BatchTopKTrainingSAE",
-                       "BatchTopKTrainingSAEConfig"), "BatchTopKSAE", _TOPK_DL_KEYS,
-                      hyper=("k", "rescale_acts_by_decoder_norm", "topk_threshold_lr"),
-                      buffers=("topk_threshold",),
-                      dl_module="dictionary_learning.trainers.batch_top_k",
-                      dl_extra={"k": "k", "threshold": "topk_threshold"}),
-}
-
-
-class UnsupportedSAEError(ValueError):
-    """An SAE (or checkpoint) uses a setting gsae_fast does not implement."""
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -142,7 +95,6 @@ def _new_module(arch: Arch, params: dict, backend: str, metadata: Optional[dict]
     """The gsae_fast module of ``arch`` holding ``params`` (Parameters are used as they are,
     tensors wrapped), built with the config values ``hyper``, with the buffers ``buffers``
     (the same tensors with ``share_buffers``, where their dtype is the module's)."""
-    from . import modules
     d_in, d_sae = params["W_enc"].shape
     for name in arch.params:
         shape = _shapes(name, d_in, d_sae)
@@ -163,9 +115,8 @@ def _new_module(arch: Arch, params: dict, backend: str, metadata: Optional[dict]
     missing = [n for n in arch.hyper if n not in (hyper or {})]
     if missing and arch.name in ("topk", "batchtopk") and "k" in missing:
         raise UnsupportedSAEError(f"a {arch.name!r} SAE needs its k (missing from the config)")
-    sae = getattr(modules, arch.module)(d_in, d_sae, device="meta", decoder_init_norm=None,
-                                        **{k: v for k, v in (hyper or {}).items()
-                                           if k in arch.hyper})
+    sae = arch.cls(d_in, d_sae, device="meta", decoder_init_norm=None,
+                   **{k: v for k, v in (hyper or {}).items() if k in arch.hyper})
     for name in arch.params:
         p = params[name]
         setattr(sae, name, p if isinstance(p, nn.Parameter) else nn.Parameter(p))
@@ -192,7 +143,7 @@ def _new_module(arch: Arch, params: dict, backend: str, metadata: Optional[dict]
 def _expect(arch: Arch, expected: Optional[str]) -> Arch:
     if expected is not None and arch.name != expected:
         raise UnsupportedSAEError(f"this is a {arch.name!r} SAE: load it with "
-                                  f"gsae_fast.{arch.module} (or gsae_fast.load)")
+                                  f"gsae_fast.{arch.cls.__name__} (or gsae_fast.load)")
     return arch
 
 
@@ -275,7 +226,7 @@ def _dl_arch(names, class_name: Optional[str], expected: Optional[str]) -> Arch:
         raise UnsupportedSAEError(
             "this state dict fits dictionary_learning's " + " and ".join(a.dl_class for a in found)
             + ", which compute different things: load it with the gsae_fast class it is ("
-            + ", ".join(f"{a.module}.from_dictionary_learning / .load" for a in found)
+            + ", ".join(f"{a.cls.__name__}.from_dictionary_learning / .load" for a in found)
             + "), or next to its config.json")
     if found:
         return found[0]

@@ -133,10 +133,6 @@ def gated_encode_backward(x: Tensor, W_enc: Tensor, b_dec: Tensor, b_gate: Tenso
             (exp_r * sums[3]).to(dt), sums[2].to(dt))
 
 
-# (the TopK encoder's backward calls it under its old name)
-_encode_backward_op = gated_encode_backward
-
-
 def _encode_setup(ctx, inputs, output):
     x, W_enc, b_dec, b_gate, r_mag, b_mag, _, backend = inputs
     f, pi_gate, idx, counts, _ = output

@@ -27,6 +27,7 @@ from collections import namedtuple
 import torch
 
 from . import interop, ops, reference
+from .saes.base import capacity_hint, hinted_encode, remember_capacity
 from .types import SparseActs
 
 _saved: dict = {}  # (class, method name) -> the class's own attribute before patching (or None)
@@ -58,20 +59,14 @@ def _original(cls, name):
     raise AttributeError(name)
 
 
-def _hint(holder):
-    """The capacity hint kept on a patched object (as GatedSAE keeps its own)."""
-    return getattr(holder, "_gsae_fast_capacity", None)
-
-
-def _remember(holder, max_count: int, d_sae: int) -> None:
-    holder._gsae_fast_capacity = ops.next_capacity(max_count, d_sae)
+# A patched object keeps its capacity hint (gsae_fast.saes.base, as GatedSAE keeps its own)
+# under this attribute.
+_HINT = "_gsae_fast_capacity"
 
 
 def _sparse(x, params, holder, backend) -> SparseActs:
     """Sparse encode with the patched object's capacity hint."""
-    acts = ops.gated_encode(x, *params, capacity=_hint(holder), backend=backend)
-    _remember(holder, acts.max_count, acts.d_sae)
-    return acts
+    return hinted_encode(holder, x, params, backend, attr=_HINT)
 
 
 def _has_module_hooks(*modules) -> bool:
@@ -131,8 +126,8 @@ def _sl_training_forward_pass(self, step_input):
     out = ops.gated_sae_loss(x, self.W_enc, self.W_dec, self.b_dec, self.b_gate, self.r_mag,
                              self.b_mag, step_input.coefficients["l1"], sparsity="decoder_norm",
                              aux="shared", backend=_backend["sae_lens"],
-                             capacity=_hint(self))
-    _remember(self, out.max_count, self.cfg.d_sae)
+                             capacity=capacity_hint(self, _HINT))
+    remember_capacity(self, out.max_count, self.cfg.d_sae, _HINT)
     with torch.no_grad():
         if out.acts is not None:
             acts = out.acts
@@ -211,8 +206,8 @@ def _dl_trainer_loss(self, x, step, logging=False, **kwargs):
     out = ops.gated_sae_loss(x, ae.encoder.weight.T, ae.decoder.weight.T, ae.decoder_bias,
                              ae.gate_bias, ae.r_mag, ae.mag_bias, coef, sparsity="unit",
                              aux="frozen", backend=_backend["dictionary_learning"],
-                             capacity=_hint(ae))
-    _remember(ae, out.max_count, ae.dict_size)
+                             capacity=capacity_hint(ae, _HINT))
+    remember_capacity(ae, out.max_count, ae.dict_size, _HINT)
     if not logging:
         return out.loss
     with torch.no_grad():

@@ -16,13 +16,21 @@ the dtype of its arguments (use float64 for an exact oracle).
 ``sparsity="decoder_norm"``: w_i = |W_dec[i]| (SAELens).
 ``aux="frozen"``: W_dec' and b_dec' are stop-gradient copies (the paper, dictionary_learning);
 ``aux="shared"``: the live decoder (SAELens); ``aux="none"``: no auxiliary term.
+
+The other architectures' dense math is here too, each beside the result type its fast path
+(gsae_fast.saes) returns: JumpReLU (:func:`jumprelu_sae_loss`, SAELens' ``JumpReLUTrainingSAE``
+with its straight-through estimators) and TopK / BatchTopK (:func:`dense_topk`,
+:func:`topk_sae_loss`, SAELens' ``TopKTrainingSAE`` / ``BatchTopKTrainingSAE`` with AuxK).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .types import GatedLoss
+from .types import GatedLoss, SparseActs
 
 SPARSITY_CHOICES = ("unit", "decoder_norm")
 AUX_CHOICES = ("frozen", "shared", "none")
@@ -89,3 +97,240 @@ def gated_sae_loss(x: Tensor, W_enc: Tensor, W_dec: Tensor, b_dec: Tensor, b_gat
         x_hat=x_hat,
         max_count=int(counts.max()) if counts.numel() else 0,
     )
+
+
+# ------------------------------------------------------------------------------------ JumpReLU
+#   pre = (x - b_dec) @ W_enc + b_enc        f = relu(pre) * 1[pre > threshold]
+# (the threshold cast to the compute dtype, as SAELens does). The straight-through estimators
+# below are shared with the sparse path (gsae_fast.saes.jumprelu), which applies them to slots.
+
+JUMPRELU_SPARSITY_MODES = ("step", "tanh", "quadratic")
+
+
+def check_jumprelu_options(sparsity_mode: str, target_l0: Optional[float],
+                           bandwidth: float) -> None:
+    if sparsity_mode not in JUMPRELU_SPARSITY_MODES:
+        raise ValueError(f"sparsity_mode must be one of {JUMPRELU_SPARSITY_MODES}, got "
+                         f"{sparsity_mode!r}")
+    if sparsity_mode == "quadratic" and (target_l0 is None or target_l0 <= 0):
+        raise ValueError("sparsity_mode='quadratic' needs target_l0 > 0")
+    if not bandwidth > 0:
+        raise ValueError(f"bandwidth must be > 0, got {bandwidth}")
+
+
+def _rectangle(u: Tensor) -> Tensor:
+    return ((u > -0.5) & (u < 0.5)).to(u)
+
+
+class JumpReLUFn(torch.autograd.Function):
+    """``pre * 1[pre > threshold]`` with the straight-through threshold gradient."""
+
+    @staticmethod
+    def forward(ctx, pre, threshold, bandwidth, ste_to_input):
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth, ctx.ste_to_input = bandwidth, ste_to_input
+        return pre * (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, threshold = ctx.saved_tensors
+        ste = threshold / ctx.bandwidth * _rectangle((pre - threshold) / ctx.bandwidth) * grad
+        grad_pre = (pre > threshold).to(grad.dtype) * grad
+        if ctx.ste_to_input:
+            grad_pre = grad_pre + ste
+        return grad_pre, -ste, None, None
+
+
+class StepFn(torch.autograd.Function):
+    """``1[pre > threshold]`` with the straight-through gradient (the L0 of a row)."""
+
+    @staticmethod
+    def forward(ctx, pre, threshold, bandwidth, ste_to_input):
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth, ctx.ste_to_input = bandwidth, ste_to_input
+        return (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, threshold = ctx.saved_tensors
+        ste = _rectangle((pre - threshold) / ctx.bandwidth) * grad / ctx.bandwidth
+        return (ste if ctx.ste_to_input else None), -ste, None, None
+
+
+def jumprelu_sparsity(l0_rows, f_weighted, l0_coefficient, sparsity_mode, tanh_scale,
+                      target_l0):
+    """Per-token sparsity penalty, averaged: L0 rows (step), tanh of |W_dec|-weighted f."""
+    if sparsity_mode == "tanh":
+        per_token = torch.tanh(tanh_scale * f_weighted).sum(-1)
+    elif sparsity_mode == "quadratic":
+        per_token = 2 / target_l0 * (l0_rows - target_l0) ** 2
+    else:
+        per_token = l0_rows
+    return (l0_coefficient * per_token).mean()
+
+
+def jumprelu_pre_act_loss(x2: Tensor, W_enc: Tensor, b_dec: Tensor, b_enc: Tensor,
+                          threshold: Tensor, W_dec_norm: Tensor,
+                          coefficient: Optional[float], dead_neuron_mask: Optional[Tensor]
+                          ) -> Tensor:
+    """Anthropic's pre-activation loss over the dead features of ``x2 [tokens, d_in]`` (0 when
+    off or nothing is dead): a GEMM over their columns alone."""
+    pre_act = x2.new_zeros(())
+    if coefficient is not None and dead_neuron_mask is not None and \
+            bool(dead_neuron_mask.any()):
+        dead = dead_neuron_mask.nonzero().squeeze(1)
+        pre_dead = (x2 - b_dec) @ W_enc[:, dead] + b_enc[dead]
+        pre_act = coefficient * (
+            (threshold[dead] - pre_dead).relu() * W_dec_norm[dead]).sum(-1).mean()
+    return pre_act
+
+
+@dataclass
+class JumpReLULoss:
+    """``loss = mse + l0_loss + pre_act_loss`` (coefficients included), as SAELens names them.
+
+    On the sparse path ``acts`` are the training slots, flattened to ``[tokens, K]``: every
+    pre-activation above ``threshold - bandwidth / 2`` (the estimators' band), ``f`` holding
+    JumpReLU(pre) (0 below the threshold), so ``acts.counts`` include the band; ``l0`` counts only
+    ``pre > threshold``."""
+
+    loss: Tensor
+    mse: Tensor
+    l0_loss: Tensor
+    pre_act_loss: Tensor
+    l0: Tensor
+    x_hat: Tensor
+    f: Optional[Tensor] = None  # dense [..., d_sae] (dense path) or None
+    acts: Optional[SparseActs] = None  # the slots (sparse path); f holds JumpReLU(pre)
+    max_count: Optional[int] = None
+
+
+def jumprelu_sae_loss(x: Tensor, W_enc: Tensor, W_dec: Tensor, b_dec: Tensor, b_enc: Tensor,
+                      threshold: Tensor, l0_coefficient: float, *, bandwidth: float = 0.05,
+                      sparsity_mode: str = "step", tanh_scale: float = 4.0,
+                      target_l0: Optional[float] = None, ste_to_input: bool = False,
+                      pre_act_loss_coefficient: Optional[float] = None,
+                      dead_neuron_mask: Optional[Tensor] = None) -> JumpReLULoss:
+    """SAELens' JumpReLU training loss, dense (``JumpReLUTrainingSAE.training_forward_pass``,
+    the threshold already clamped at 0). ``max_count``: the largest row count of
+    ``pre > threshold - bandwidth / 2`` (what the sparse path emits)."""
+    check_jumprelu_options(sparsity_mode, target_l0, bandwidth)
+    threshold = threshold.to(b_enc.dtype)  # SAELens casts its fp32 threshold to the compute dtype
+    x2 = x.reshape(-1, x.shape[-1])
+    band = bandwidth / 2
+    W_dec_norm = W_dec.norm(dim=1)
+    pre_act = jumprelu_pre_act_loss(x2, W_enc, b_dec, b_enc, threshold, W_dec_norm,
+                                    pre_act_loss_coefficient, dead_neuron_mask)
+    pre = (x2 - b_dec) @ W_enc + b_enc
+    f = JumpReLUFn.apply(pre, threshold.expand_as(pre), bandwidth, ste_to_input)
+    x_hat = f @ W_dec + b_dec
+    l0_rows = StepFn.apply(pre, threshold.expand_as(pre), bandwidth, ste_to_input).sum(-1)
+    sparsity = jumprelu_sparsity(l0_rows, f * W_dec_norm, l0_coefficient, sparsity_mode,
+                                 tanh_scale, target_l0)
+    mse = (x_hat - x2).pow(2).sum(-1).mean()
+    l0 = (pre > threshold).sum(-1).float().mean()
+    max_count = int((pre > threshold - band).sum(-1).max()) if pre.shape[0] else 0
+    return JumpReLULoss(mse + sparsity + pre_act, mse, sparsity, pre_act, l0,
+                        x_hat.view(x.shape), f=f.view(*x.shape[:-1], -1), max_count=max_count)
+
+
+# ---------------------------------------------------------------------------- TopK, BatchTopK
+#   hidden_pre = ((x - b_dec) @ W_enc + b_enc) * |W_dec[i]|   (the norm: SAELens'
+#   rescale_acts_by_decoder_norm, else 1); f = the k largest per token of hidden_pre, ReLU'd
+#   (BatchTopK: the k * tokens largest of relu(hidden_pre) in the batch); x_hat = f / |W_dec[i]|
+#   @ W_dec + b_dec. AuxK: the aux_k largest pre-activations of the dead features reconstruct
+#   the detached residual x - x_hat through the decoder without bias.
+
+TOPK_AUX_STYLES = ("sae_lens", "dictionary_learning")
+
+
+def check_topk_loss_options(dead_neuron_mask, d_sae: int, aux_style: str) -> None:
+    if aux_style not in TOPK_AUX_STYLES:
+        raise ValueError(f"aux_style must be one of {TOPK_AUX_STYLES}, got {aux_style!r}")
+    if dead_neuron_mask is not None and (dead_neuron_mask.dtype != torch.bool or
+                                         tuple(dead_neuron_mask.shape) != (d_sae,)):
+        raise ValueError(f"dead_neuron_mask must be a bool tensor of shape [{d_sae}], got "
+                         f"{dead_neuron_mask.dtype} {list(dead_neuron_mask.shape)}")
+
+
+def dense_topk(x: Tensor, W_enc: Tensor, b_dec: Tensor, b_enc: Tensor, k: float, *,
+               batch: bool = False, decoder_norm: Optional[Tensor] = None):
+    """SAELens' dense math: (activations [..., d_sae], hidden_pre [..., d_sae]) where
+    hidden_pre includes the decoder-norm rescaling."""
+    hidden_pre = (x - b_dec) @ W_enc + b_enc
+    if decoder_norm is not None:
+        hidden_pre = hidden_pre * decoder_norm
+    if batch:
+        flat = hidden_pre.relu().flatten()
+        top = flat.topk(int(k * hidden_pre.shape[:-1].numel()))
+        acts = torch.zeros_like(flat).scatter(-1, top.indices, top.values)
+        return acts.view(hidden_pre.shape), hidden_pre
+    top = hidden_pre.topk(int(k), dim=-1, sorted=False)
+    acts = torch.zeros_like(hidden_pre).scatter(-1, top.indices, top.values.relu())
+    return acts, hidden_pre
+
+
+@dataclass
+class TopKLoss:
+    """``loss = mse + aux`` (the AuxK term, coefficient included). ``acts``: the sparse
+    activations (sparse path); ``f``: the dense ones (``backend="reference"``)."""
+
+    loss: Tensor
+    mse: Tensor
+    aux: Tensor
+    l0: Tensor
+    x_hat: Tensor
+    acts: Optional[SparseActs] = None
+    f: Optional[Tensor] = None
+
+    def min_positive(self) -> Optional[Tensor]:
+        """The smallest positive activation of the batch (BatchTopK's threshold update), or
+        None when nothing fired."""
+        with torch.no_grad():
+            v = self.acts.f[self.acts.mask()] if self.acts is not None else self.f[self.f > 0]
+            v = v[v > 0]
+            return v.min() if v.numel() else None
+
+
+def topk_aux_scale(num_dead: int, k_aux: int, style: str) -> float:
+    # SAELens scales the loss down when few latents are dead; dictionary_learning does not.
+    return min(num_dead / k_aux, 1.0) if style == "sae_lens" else 1.0
+
+
+def topk_aux_reduce(recons: Tensor, residual: Tensor, style: str) -> Tensor:
+    if style == "sae_lens":
+        return (recons - residual).pow(2).sum(-1).mean()
+    # dictionary_learning (from OpenAI): in fp32, normalised by the residual's variance.
+    r = residual.float()
+    l2 = (r - recons.float()).pow(2).sum(-1).mean()
+    denom = (r - r.mean(0, keepdim=True)).pow(2).sum(-1).mean()
+    return (l2 / denom).nan_to_num(0.0)
+
+
+def topk_sae_loss(x: Tensor, W_enc: Tensor, W_dec: Tensor, b_dec: Tensor, b_enc: Tensor,
+                  k: float, *, batch: bool = False, rescale_acts_by_decoder_norm: bool = False,
+                  dead_neuron_mask: Optional[Tensor] = None, aux_loss_coefficient: float = 1.0,
+                  aux_k: Optional[int] = None, aux_style: str = "sae_lens") -> TopKLoss:
+    """The TopK / BatchTopK training loss, dense: ``mse + aux_loss_coefficient * AuxK`` (the
+    options of gsae_fast.topk.topk_sae_loss, which checks ``k`` and ``aux_k``)."""
+    d_in, d_sae = W_enc.shape
+    check_topk_loss_options(dead_neuron_mask, d_sae, aux_style)
+    x2 = x.reshape(-1, d_in)
+    norm = W_dec.norm(dim=1) if rescale_acts_by_decoder_norm else None
+    f, hidden_pre = dense_topk(x2, W_enc, b_dec, b_enc, k, batch=batch, decoder_norm=norm)
+    x_hat = (f if norm is None else f / norm) @ W_dec + b_dec
+    l0 = (f > 0).sum(-1).float().mean()
+    mse = (x_hat - x2).pow(2).sum(-1).mean()
+    aux = mse.new_zeros(())
+    num_dead = 0 if dead_neuron_mask is None else int(dead_neuron_mask.sum())
+    if num_dead and aux_loss_coefficient:
+        k_aux = d_in // 2 if aux_k is None else aux_k
+        scale = topk_aux_scale(num_dead, k_aux, aux_style)
+        k_aux = min(k_aux, num_dead)
+        residual = (x2 - x_hat).detach()
+        pre = hidden_pre.relu() if aux_style == "dictionary_learning" else hidden_pre
+        top = torch.where(dead_neuron_mask, pre, -torch.inf).topk(k_aux, sorted=False)
+        a = torch.zeros_like(pre).scatter(-1, top.indices, top.values)
+        recons = (a if norm is None else a / norm) @ W_dec
+        aux = aux_loss_coefficient * scale * topk_aux_reduce(recons, residual, aux_style)
+    return TopKLoss(loss=mse + aux, mse=mse, aux=aux, l0=l0, x_hat=x_hat.view(x.shape), f=f)

@@ -36,7 +36,7 @@ from typing import Callable, Optional
 import torch
 
 from . import distributed, ops
-from .modules import GatedSAE
+from .saes import GatedSAE
 
 DECODER_MODES = ("unit_norm", "norm_penalty")
 
