@@ -60,6 +60,18 @@ def _gpu_configs():
             for m, n, k, w, s in shapes]
 
 
+def fits_registers(config, dtype: torch.dtype) -> bool:
+    """Whether the tile's accumulators leave room for the GEMM's operands in 255 registers. With
+    fp32 (and fp64) inputs the A and B fragments take twice the registers of bf16 / fp16 ones:
+    compiled for sm_90, every tile with 128 accumulators per thread spills in fp32, and none
+    with 64 (bench/results/gpu_static.md), so 4- and 8-byte inputs keep the tiles with at most
+    64 accumulators per thread (the 16-bit ones keep all: none spills)."""
+    if dtype.itemsize <= 2:
+        return True
+    kw = config.kwargs
+    return kw["BM"] * kw["BN"] // (32 * config.num_warps) <= 64
+
+
 def _configs():
     if INTERPRET:  # one config: the interpreter cannot benchmark, and small tiles test the tails
         # (and the epilogue's subtile split, two levels deep)
@@ -129,6 +141,15 @@ def _fits_in_shared_memory(configs, named_args, **kwargs):
             sizes = [None] * len(configs)
         kept = _prune_cache[key] = _keep_fitting(configs, sizes, _shared_memory_limit(x.device))
     return kept
+
+
+def _prune(configs, named_args, **kwargs):
+    """The autotuner's early prune: the tiles that fit the registers for the call's dtype
+    (:func:`fits_registers`), then the shared memory (:func:`_fits_in_shared_memory`)."""
+    x = named_args["x_ptr"]
+    if x.is_cuda:
+        configs = [c for c in configs if fits_registers(c, x.dtype)] or configs
+    return _fits_in_shared_memory(configs, named_args, **kwargs)
 
 
 @triton.jit
@@ -232,7 +253,7 @@ def _epilogue32(t, n0, W: tl.constexpr, rm, c_ptr, b_gate_ptr, r_mag_ptr, b_mag_
 
 # The counters are restored after each autotuning run, so the tuned launch counts from zero.
 @triton.autotune(configs=_configs(), key=["d_in", "d_sae"],
-                 prune_configs_by={"early_config_prune": _fits_in_shared_memory},
+                 prune_configs_by={"early_config_prune": _prune},
                  restore_value=["counts_ptr", "status_ptr"])
 @triton.jit
 def _gated_encode_kernel(x_ptr, w_ptr, c_ptr, b_gate_ptr, r_mag_ptr, b_mag_ptr,

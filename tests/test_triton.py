@@ -376,15 +376,16 @@ def test_prune_on_the_compiled_sizes(aot_report, prune):
     enc = _encode_module()
     _, records = aot_report
     run, _ = prune
-    configs = enc._gpu_configs()
     torch_dtype = dict(fp32=torch.float32, bf16=torch.bfloat16, fp16=torch.float16,
                        fp64=torch.float64)
     for arch in AOT_ARCHS:
         for dt in AOT_DTYPES:
+            # (the configs the register rule leaves for this dtype: the ones compiled)
+            configs = [c for c in enc._gpu_configs() if enc.fits_registers(c, torch_dtype[dt])]
             sizes = _encode_sizes(records, arch, dt)
             assert len(sizes) == len(configs), (arch, dt)
             for limit in SHARED_LIMITS:
-                kept = run(sizes, limit, dtype=torch_dtype[dt])
+                kept = run(sizes, limit, dtype=torch_dtype[dt], configs=configs)
                 assert kept == [c for c in configs if sizes[_config_key(
                     c.kwargs, c.num_warps, c.num_stages)] <= limit], (arch, dt, limit)
                 assert kept
@@ -392,24 +393,51 @@ def test_prune_on_the_compiled_sizes(aot_report, prune):
 
 @aot
 def test_encode_is_spill_free_with_wgmma_on_hopper(aot_report):
-    """The 16-bit encode compiled for sm_90 (as the JIT specialises it): no autotune configuration
-    spills registers (no STL/LDL in the SASS, no stack) and every one runs its GEMM on wgmma
-    (HGMMA). The epilogue works in subtiles of EPI_N columns for this (kernels/gated_encode.py);
-    bench/gpu_static.py tabulates every kernel. (fp32 without TF32, an FMA GEMM, still spills
-    in its 128-accumulator tiles: bench/results/gpu_static.md.)"""
+    """The encode compiled for sm_90 (as the JIT specialises it): no autotune configuration it
+    can pick spills registers (no STL/LDL in the SASS, no stack) in bf16, fp16 or fp32, and every
+    16-bit one runs its GEMM on wgmma (HGMMA). The epilogue works in subtiles of EPI_N columns
+    for this, and fp32 keeps the tiles with at most 64 accumulators per thread
+    (kernels/gated_encode.py); bench/gpu_static.py tabulates every kernel."""
     _, records = aot_report
     enc = _encode_module()
-    for dt in ("bf16", "fp16"):
+    for dt, torch_dt in (("bf16", torch.bfloat16), ("fp16", torch.float16),
+                         ("fp32", torch.float32)):
         recs = [r for r in records if r["ok"] and r["kernel"] == "gated_encode"
                 and r["arch"] == 90 and r["dtype"] == dt]
-        assert len(recs) == len(enc._gpu_configs()), dt
+        fitting = [c for c in enc._gpu_configs() if enc.fits_registers(c, torch_dt)]
+        assert len(recs) == len(fitting) >= (8 if torch_dt.itemsize == 2 else 4), dt
         for r in recs:
             res = r["resources"]
             if res is None:
                 pytest.skip("triton ships no cuobjdump")
             label = (dt, r["meta"], r["num_warps"], res)
             assert res["spills"] == 0 and res["stack"] == 0, label
-            assert res["mma"].get("HGMMA"), label
+            if torch_dt.itemsize == 2:
+                assert res["mma"].get("HGMMA"), label
+
+
+def test_fp32_keeps_the_tiles_with_at_most_64_accumulators_per_thread(monkeypatch):
+    """The register rule of the autotuner's prune, and that the prune applies it only to CUDA
+    tensors and never leaves nothing."""
+    enc = _encode_module()
+    configs = enc._gpu_configs()
+    per_thread = {str(c): c.kwargs["BM"] * c.kwargs["BN"] // (32 * c.num_warps) for c in configs}
+    for dtype in (torch.float32, torch.float64):
+        kept = [c for c in configs if enc.fits_registers(c, dtype)]
+        assert kept and all(per_thread[str(c)] <= 64 for c in kept)
+        assert len(kept) == sum(v <= 64 for v in per_thread.values())
+        assert any(_config_key(c.kwargs, c.num_warps, c.num_stages) == enc.PORTABLE_SHAPE
+                   for c in kept)
+    for dtype in (torch.bfloat16, torch.float16):
+        assert all(enc.fits_registers(c, dtype) for c in configs)
+    # CUDA tensors: the register rule, then the shared-memory prune on what is left
+    monkeypatch.setattr(enc, "_fits_in_shared_memory", lambda cs, named, **kw: cs)
+    assert enc._prune(configs, _encode_named_args(torch.float32)) == \
+        [c for c in configs if per_thread[str(c)] <= 64]
+    assert enc._prune(configs, _encode_named_args(torch.bfloat16)) == configs
+    # CPU tensors (the interpreter): nothing pruned
+    named = _encode_named_args(torch.float32, x=torch.zeros(2, 2))
+    assert enc._prune(configs, named) is configs
 
 
 # --------------------------------------------------------------------------------------------
@@ -441,7 +469,7 @@ def test_prune_compiles_once_for_the_device(monkeypatch, dtype):
     kernels = jit.device_caches[torch.cuda.current_device()][0]
     before = len(kernels)
     f, pi_gate, idx, counts, status = enc.gated_encode(x, *p.values(), capacity=128)
-    configs = enc._gated_encode_kernel.configs
+    configs = [c for c in enc._gated_encode_kernel.configs if enc.fits_registers(c, dtype)]
     assert set(sizes) == {str(c) for c in configs}
     limit = torch.cuda.get_device_properties(x.device).shared_memory_per_block_optin
     (kept,) = enc._prune_cache.values()

@@ -81,7 +81,9 @@ def cases(dt: str):
                 idx_ptr="*i32", counts_ptr="*i32", status_ptr="*i32", B="i32", d_in="i32",
                 d_sae="i32", K="i32"),
            dict(ACC=acc, PRECISION=prec, UPCAST=False),
-           configs(enc._gated_encode_kernel))
+           [c for c, keep in zip(configs(enc._gated_encode_kernel),
+                                 (enc.fits_registers(c, TORCH_DTYPES[dt])
+                                  for c in enc._gated_encode_kernel.configs)) if keep])
     yield ("sparse_decode", dec._sparse_decode_kernel.fn,
            dict(idx_ptr="*i32", val_ptr=f"*{a}", counts_ptr="*i32", w_ptr=f"*{dt}",
                 bias_ptr=f"*{dt}", out_ptr=f"*{dt}", K="i32", d_in="i32"),
