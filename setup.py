@@ -289,7 +289,8 @@ def extension_setup(env=os.environ):
 
 
 setup(
-    packages=["gsae_fast", "gsae_fast.kernels"],
+    packages=["gsae_fast", "gsae_fast.data", "gsae_fast.interp", "gsae_fast.saes",
+              "gsae_fast.kernels"],
     package_dir={"gsae_fast": "gsae_fast", "gsae_fast.kernels": "kernels"},
     package_data={"gsae_fast": [BUILD_INFO]},
     **extension_setup(),
