@@ -270,25 +270,20 @@ def feature_sharded_loss(x: Tensor, W_enc: Tensor, W_dec: Tensor, b_dec: Tensor,
                     ops.sparse_decode(acts, W_aux, values="pi_gate", backend=backend))
         g = acts.pi_gate  # relu(pi_gate) on the active slots, 0 on padding
         counts = acts.counts
-    if sparsity == "unit":
-        sp = g.sum()
-    else:  # |W_dec| . (per-feature sums of g), as ops.gated_sae_loss
-        per_feature = (g.sum(0) if acts is None else g.new_zeros(W_dec.shape[0]).index_add(
-            0, acts.idx.reshape(-1), g.reshape(-1)))
-        sp = W_dec.norm(dim=1).to(g.dtype) @ per_feature
+    sp = reference.sparsity_sum(g, W_dec, sparsity, None if acts is None else acts.idx)
     acc = acc_dtype(W_dec.dtype)
     pieces = [part, part_aux] if part_aux is not None else [part]
     packed = torch.cat([p.reshape(-1).to(acc) for p in pieces]
                        + [(l1_coefficient * sp / n).reshape(1).to(acc), counts.to(acc)])
     total = _SumForward.apply(packed, group)  # the one forward all-reduce
     x_hat = total[:n * d_in].view(n, d_in).to(W_dec.dtype) + b_dec
-    mse = (x_hat - x).pow(2).sum(-1).mean()
+    mse = reference.squared_error(x_hat, x)
     if part_aux is None:
-        aux_term = torch.zeros((), dtype=mse.dtype, device=mse.device)
+        aux_term = reference.zero_term(mse)
     else:
         b_aux = reference.aux_decoder(W_dec, b_dec, aux)[1]
         x_aux = total[n * d_in:2 * n * d_in].view(n, d_in).to(W_dec.dtype) + b_aux
-        aux_term = (x_aux - x).pow(2).sum(-1).mean()
+        aux_term = reference.squared_error(x_aux, x)
     sparsity_term = total[-n - 1]
     all_counts = total[-n:].detach()
     local_max = acts.max_count if acts is not None else int(counts.max())

@@ -455,29 +455,22 @@ def gated_sae_loss(x: Tensor, W_enc: Tensor, W_dec: Tensor, b_dec: Tensor, b_gat
     else:  # x_hat and the aux reconstruction from one gather of each used W_dec row
         x_hat, x_aux = sparse_decode_pair(acts, W_dec, b_dec, grad_b=aux == "shared",
                                           backend=backend)
-    mse = (x_hat - x).pow(2).sum(-1).mean()
+    mse = reference.squared_error(x_hat, x)
     # relu(pi_gate) on the active slots. Padding is masked here, not trusted to be zero: the loss
     # never reads what an executor left in a padding slot.
     active = acts.mask()
-    g = torch.where(active, acts.pi_gate, torch.zeros((), dtype=acts.pi_gate.dtype,
-                                                      device=acts.pi_gate.device))
-    if sparsity == "unit":
-        sparsity_term = l1_coefficient * g.sum(-1).mean()
-    else:
-        # sum_t sum_i |W_dec[i]| g[t, i] = |W_dec| . (per-feature sums of g). index_add is
-        # deterministic on CPU, and on CUDA under torch.use_deterministic_algorithms(True); the
-        # backward of the gather |W_dec|[idx] would not be.
-        idx = torch.where(active, acts.idx, torch.zeros_like(acts.idx))
-        per_feature = g.new_zeros(d_sae).index_add(0, idx.reshape(-1), g.reshape(-1))
-        n_tokens = acts.counts.numel()
-        sparsity_term = l1_coefficient * (W_dec.norm(dim=1).to(g.dtype) @ per_feature) / n_tokens
+    zero = torch.zeros((), dtype=acts.pi_gate.dtype, device=acts.pi_gate.device)
+    g = torch.where(active, acts.pi_gate, zero)
+    idx = torch.where(active, acts.idx, torch.zeros_like(acts.idx))
+    sparsity_term = (l1_coefficient * reference.sparsity_sum(g, W_dec, sparsity, idx)
+                     / acts.counts.numel())
     if aux == "none":
-        aux_term = torch.zeros((), dtype=mse.dtype, device=mse.device)
+        aux_term = reference.zero_term(mse)
     else:
         if not _DECODE_PAIR:  # two decodes (the frozen aux decodes with stop-gradient copies)
             W, b = reference.aux_decoder(W_dec, b_dec, aux)
             x_aux = sparse_decode(acts, W, b, values="pi_gate", backend=backend)
-        aux_term = (x_aux - x).pow(2).sum(-1).mean()
+        aux_term = reference.squared_error(x_aux, x)
     return GatedLoss(loss=mse + sparsity_term + aux_term, mse=mse, sparsity=sparsity_term,
                      aux=aux_term, l0=acts.l0(), x_hat=x_hat, acts=acts,
                      max_count=acts.max_count)

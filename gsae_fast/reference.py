@@ -49,6 +49,37 @@ def aux_decoder(W_dec: Tensor, b_dec: Tensor, aux: str) -> tuple[Tensor, Tensor]
     return (W_dec.detach(), b_dec.detach()) if aux == "frozen" else (W_dec, b_dec)
 
 
+# The loss terms, one definition for every loss that computes them (this dense oracle, the sparse
+# path of gsae_fast.ops, the feature-sharded loss of gsae_fast.distributed, the other
+# architectures' losses).
+
+def squared_error(x_hat: Tensor, x: Tensor) -> Tensor:
+    """Mean over tokens of the squared L2 error ``|x - x_hat|^2`` (the mse and aux terms)."""
+    return (x_hat - x).pow(2).sum(-1).mean()
+
+
+def sparsity_sum(g: Tensor, W_dec: Tensor, sparsity: str, idx: Optional[Tensor] = None) -> Tensor:
+    """``sum over tokens and features of w_i g_i``, with ``g = relu(pi_gate)`` and ``w_i = 1``
+    (``"unit"``) or ``|W_dec[i]|`` (``"decoder_norm"``); divide by the tokens for the mean.
+    ``g`` is dense ``[..., d_sae]``, or the slot values ``[..., K]`` of the features ``idx``
+    (padding: g = 0 at any valid index). The decoder norms weigh the per-feature sums (an
+    ``index_add``: deterministic on CPU, and on CUDA in torch's deterministic mode; the backward
+    of a gather of the norms would not be)."""
+    if sparsity == "unit":
+        return g.sum()
+    if idx is None:
+        per_feature = g.reshape(-1, g.shape[-1]).sum(0)
+    else:
+        per_feature = g.new_zeros(W_dec.shape[0]).index_add(0, idx.reshape(-1).long(),
+                                                            g.reshape(-1))
+    return W_dec.norm(dim=1).to(g.dtype) @ per_feature
+
+
+def zero_term(like: Tensor) -> Tensor:
+    """A loss term that is off (``aux="none"``): a zero scalar of ``like``'s dtype and device."""
+    return torch.zeros((), dtype=like.dtype, device=like.device)
+
+
 def pre_activations(x: Tensor, W_enc: Tensor, b_dec: Tensor, b_gate: Tensor, r_mag: Tensor,
                     b_mag: Tensor) -> tuple[Tensor, Tensor]:
     """(pi_gate, pi_mag), both ``[..., d_sae]``."""
@@ -76,17 +107,15 @@ def gated_sae_loss(x: Tensor, W_enc: Tensor, W_dec: Tensor, b_dec: Tensor, b_gat
     active = pi_gate > 0
     f = active.to(pi_mag.dtype) * torch.relu(pi_mag)
     x_hat = f @ W_dec + b_dec
-    mse = (x_hat - x).pow(2).sum(-1).mean()
+    mse = squared_error(x_hat, x)
     g = torch.relu(pi_gate)
-    if sparsity == "unit":
-        sparsity_term = l1_coefficient * g.sum(-1).mean()
-    else:
-        sparsity_term = l1_coefficient * (g * W_dec.norm(dim=1)).sum(-1).mean()
+    n_tokens = g.shape[:-1].numel()
+    sparsity_term = l1_coefficient * sparsity_sum(g, W_dec, sparsity) / n_tokens
     if aux == "none":
-        aux_term = torch.zeros((), dtype=mse.dtype, device=mse.device)
+        aux_term = zero_term(mse)
     else:
         W, b = aux_decoder(W_dec, b_dec, aux)
-        aux_term = (g @ W + b - x).pow(2).sum(-1).mean()
+        aux_term = squared_error(g @ W + b, x)
     counts = active.sum(-1)
     return GatedLoss(
         loss=mse + sparsity_term + aux_term,
@@ -227,7 +256,7 @@ def jumprelu_sae_loss(x: Tensor, W_enc: Tensor, W_dec: Tensor, b_dec: Tensor, b_
     l0_rows = StepFn.apply(pre, threshold.expand_as(pre), bandwidth, ste_to_input).sum(-1)
     sparsity = jumprelu_sparsity(l0_rows, f * W_dec_norm, l0_coefficient, sparsity_mode,
                                  tanh_scale, target_l0)
-    mse = (x_hat - x2).pow(2).sum(-1).mean()
+    mse = squared_error(x_hat, x2)
     l0 = (pre > threshold).sum(-1).float().mean()
     max_count = int((pre > threshold - band).sum(-1).max()) if pre.shape[0] else 0
     return JumpReLULoss(mse + sparsity + pre_act, mse, sparsity, pre_act, l0,
@@ -299,7 +328,7 @@ def topk_aux_scale(num_dead: int, k_aux: int, style: str) -> float:
 
 def topk_aux_reduce(recons: Tensor, residual: Tensor, style: str) -> Tensor:
     if style == "sae_lens":
-        return (recons - residual).pow(2).sum(-1).mean()
+        return squared_error(recons, residual)
     # dictionary_learning (from OpenAI): in fp32, normalised by the residual's variance.
     r = residual.float()
     l2 = (r - recons.float()).pow(2).sum(-1).mean()
@@ -320,7 +349,7 @@ def topk_sae_loss(x: Tensor, W_enc: Tensor, W_dec: Tensor, b_dec: Tensor, b_enc:
     f, hidden_pre = dense_topk(x2, W_enc, b_dec, b_enc, k, batch=batch, decoder_norm=norm)
     x_hat = (f if norm is None else f / norm) @ W_dec + b_dec
     l0 = (f > 0).sum(-1).float().mean()
-    mse = (x_hat - x2).pow(2).sum(-1).mean()
+    mse = squared_error(x_hat, x2)
     aux = mse.new_zeros(())
     num_dead = 0 if dead_neuron_mask is None else int(dead_neuron_mask.sum())
     if num_dead and aux_loss_coefficient:

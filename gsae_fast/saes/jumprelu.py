@@ -78,7 +78,7 @@ def jumprelu_sae_loss(x: Tensor, W_enc: Tensor, W_dec: Tensor, b_dec: Tensor, b_
     x_hat = ops.sparse_decode(slots, W_dec, b_dec, backend=backend)
     sparsity = reference.jumprelu_sparsity(l0_rows, f * W_dec_norm.to(acc)[i], l0_coefficient,
                                            sparsity_mode, tanh_scale, target_l0)
-    mse = (x_hat - x2).pow(2).sum(-1).mean()
+    mse = reference.squared_error(x_hat, x2)
     l0 = (pre > th).sum(-1).float().mean()
     return JumpReLULoss(mse + sparsity + pre_act, mse, sparsity, pre_act, l0, x_hat.view(x.shape),
                         acts=slots, max_count=acts.max_count)

@@ -238,7 +238,7 @@ def topk_sae_loss(x: Tensor, W_enc: Tensor, W_dec: Tensor, b_dec: Tensor, b_enc:
     acts = topk_encode(x2, W_enc, b_dec, b_enc, k, batch=batch, decoder_norm=norm, backend=be)
     x_hat = ops.sparse_decode(decode_values(acts, norm), W_dec, b_dec, backend=be)
     l0 = acts.l0()
-    mse = (x_hat - x2).pow(2).sum(-1).mean()
+    mse = reference.squared_error(x_hat, x2)
     aux = mse.new_zeros(())
     num_dead = 0 if dead_neuron_mask is None else int(dead_neuron_mask.sum())
     if num_dead and aux_loss_coefficient:
