@@ -265,9 +265,11 @@ def feature_sharded_loss(x: Tensor, W_enc: Tensor, W_dec: Tensor, b_dec: Tensor,
     else:
         acts = ops.gated_encode(x, W_enc, b_enc, b_gate, r_mag, b_mag, capacity=capacity,
                                 backend=backend)
-        part = ops.sparse_decode(acts, W_dec, backend=backend)
-        part_aux = (None if W_aux is None else
-                    ops.sparse_decode(acts, W_aux, values="pi_gate", backend=backend))
+        if W_aux is None:
+            part, part_aux = ops.sparse_decode(acts, W_dec, backend=backend), None
+        else:  # both partial decodes from one gather of each used row, as ops.gated_sae_loss
+            part, part_aux = ops.sparse_decode_pair(acts, W_dec, grad_b=aux == "shared",
+                                                    backend=backend)
         g = acts.pi_gate  # relu(pi_gate) on the active slots, 0 on padding
         counts = acts.counts
     sp = reference.sparsity_sum(g, W_dec, sparsity, None if acts is None else acts.idx)

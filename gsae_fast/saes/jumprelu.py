@@ -21,7 +21,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
-from .. import ops, reference
+from .. import backends, ops, reference
 from ..reference import JUMPRELU_SPARSITY_MODES as SPARSITY_MODES  # noqa: F401
 from ..reference import JumpReLUFn, JumpReLULoss, StepFn
 from ..reference import check_jumprelu_options as check_options
@@ -46,8 +46,8 @@ def jumprelu_sae_loss(x: Tensor, W_enc: Tensor, W_dec: Tensor, b_dec: Tensor, b_
     """SAELens' JumpReLU training loss (``JumpReLUTrainingSAE.training_forward_pass``, the
     threshold already clamped at 0). ``backend="reference"`` runs the dense math."""
     check_options(sparsity_mode, target_l0, bandwidth)
-    if backend == "reference" or ops.dense_is_faster(capacity, W_enc.shape[1], x.device,
-                                                     W_enc.dtype):
+    if backends.resolve(backend, x.device) == "reference" or \
+            ops.dense_is_faster(capacity, W_enc.shape[1], x.device, W_enc.dtype):
         # the reference, or so many slots (band included) that dense is faster
         return reference.jumprelu_sae_loss(
             x, W_enc, W_dec, b_dec, b_enc, threshold, l0_coefficient, bandwidth=bandwidth,
