@@ -6,7 +6,7 @@
     acts = sae.encode_sparse(x)                             # SparseActs: idx, f, pi_gate, counts
     gsae_fast.patch_sae_lens()                              # existing SAELens Gated SAEs too
 
-See README.md, and ../DESIGN.md for the math and conventions.
+See README.md, and docs/design.md for the math, the conventions and the layout.
 """
 from . import backends, interop, ops, reference, saes, topk
 from . import jumprelu, modules  # noqa: F401  (the old homes, re-exports: gsae_fast.saes)

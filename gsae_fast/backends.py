@@ -117,8 +117,9 @@ def resolve(backend: str, device: torch.device | str) -> str:
 
 
 def executor(backend: str):
-    """The kernel functions (gated_encode, gated_encode_backward, sparse_decode,
-    sparse_decode_backward) of a concrete backend."""
+    """The kernel functions of a concrete backend (gated_encode, encode_grad_scatter,
+    sparse_decode, sparse_decode_backward, sparse_decode_pair, sparse_decode_pair_backward: the
+    contract of gsae_fast.torch_executor)."""
     if backend == "reference":
         return torch_executor
     if backend in ("cpu", "cuda"):

@@ -79,7 +79,7 @@ def check_sae_lens_cfg(cfg: dict) -> None:
                                   "flatten the heads ([..., n_heads * d_head]) before encoding")
 
 
-def _sae_lens_cfg_dict(sae) -> dict:
+def sae_lens_cfg_dict(sae) -> dict:
     cfg = sae.cfg.to_dict() if hasattr(sae.cfg, "to_dict") else dict(vars(sae.cfg))
     cfg.setdefault("architecture", sae.cfg.architecture())
     return cfg
@@ -152,7 +152,7 @@ def from_sae_lens(sae, *, share: bool = False, backend: str = "auto",
     """A gsae_fast SAE (GatedSAE, JumpReLUSAE) from a SAELens one (inference or training)."""
     if not hasattr(sae, "cfg") or not hasattr(sae.cfg, "architecture"):
         raise TypeError(f"from_sae_lens: expected a SAELens SAE, got {type(sae).__name__}")
-    cfg = _sae_lens_cfg_dict(sae)
+    cfg = sae_lens_cfg_dict(sae)
     check_sae_lens_cfg(cfg)
     arch = _expect(ARCHS[cfg["architecture"]], expected)
     if getattr(sae, "use_error_term", False):

@@ -296,7 +296,7 @@ _decode_pair_op.register_autograd(_decode_pair_backward, setup_context=_decode_p
 # Layer 2: checked wrappers with the capacity protocol.
 # --------------------------------------------------------------------------------------------
 
-def _check_same(tensors: dict[str, Tensor], op: str) -> None:
+def check_same(tensors: dict[str, Tensor], op: str) -> None:
     for name, t in tensors.items():
         if not isinstance(t, Tensor):
             raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -312,23 +312,23 @@ def _check_same(tensors: dict[str, Tensor], op: str) -> None:
                              f"{first.device}; all inputs must be on one device")
 
 
-def _check_shape(t: Tensor, shape: tuple, name: str, op: str) -> None:
+def check_shape(t: Tensor, shape: tuple, name: str, op: str) -> None:
     if tuple(t.shape) != tuple(shape):
         raise ValueError(f"{op}: {name} must have shape {list(shape)}, got {list(t.shape)}")
 
 
-def _check_encoder(op: str, x: Tensor, W_enc: Tensor, b_dec: Tensor, **vectors: Tensor) -> None:
+def check_encoder(op: str, x: Tensor, W_enc: Tensor, b_dec: Tensor, **vectors: Tensor) -> None:
     """Dtypes, devices and shapes of an encoder call: ``x [..., d_in]``, ``W_enc [d_in, d_sae]``,
     ``b_dec [d_in]`` and the per-feature ``vectors`` (each ``[d_sae]``)."""
-    _check_same(dict(x=x, W_enc=W_enc, b_dec=b_dec, **vectors), op)
+    check_same(dict(x=x, W_enc=W_enc, b_dec=b_dec, **vectors), op)
     if W_enc.dim() != 2:
         raise ValueError(f"{op}: W_enc must be [d_in, d_sae], got {list(W_enc.shape)}")
     d_in, d_sae = W_enc.shape
     if x.dim() < 1 or x.shape[-1] != d_in:
         raise ValueError(f"{op}: x must be [..., d_in={d_in}], got {list(x.shape)}")
-    _check_shape(b_dec, (d_in,), "b_dec", op)
+    check_shape(b_dec, (d_in,), "b_dec", op)
     for name, t in vectors.items():
-        _check_shape(t, (d_sae,), name, op)
+        check_shape(t, (d_sae,), name, op)
 
 
 def gated_encode(x: Tensor, W_enc: Tensor, b_dec: Tensor, b_gate: Tensor, r_mag: Tensor,
@@ -341,7 +341,7 @@ def gated_encode(x: Tensor, W_enc: Tensor, b_dec: Tensor, b_gate: Tensor, r_mag:
     costs one, and none loses data). Raises ValueError if the pre-activations are NaN or Inf.
     """
     op = "gsae_fast.gated_encode"
-    _check_encoder(op, x, W_enc, b_dec, b_gate=b_gate, r_mag=r_mag, b_mag=b_mag)
+    check_encoder(op, x, W_enc, b_dec, b_gate=b_gate, r_mag=r_mag, b_mag=b_mag)
     d_in, d_sae = W_enc.shape
     if capacity is not None and capacity < 0:
         raise ValueError(f"{op}: capacity must be >= 0, got {capacity}")
@@ -369,12 +369,12 @@ def _check_decoder(op: str, acts: SparseActs, W_dec: Tensor, bias: Optional[Tens
     if not isinstance(acts, SparseActs):
         raise TypeError(f"{op}: acts must be SparseActs, got {type(acts).__name__}")
     tensors = dict(W_dec=W_dec) if bias is None else dict(W_dec=W_dec, bias=bias)
-    _check_same(tensors, op)
+    check_same(tensors, op)
     if W_dec.dim() != 2 or W_dec.shape[0] != acts.d_sae:
         raise ValueError(f"{op}: W_dec must be [d_sae={acts.d_sae}, d_in], got "
                          f"{list(W_dec.shape)}")
     if bias is not None:
-        _check_shape(bias, (W_dec.shape[1],), "bias", op)
+        check_shape(bias, (W_dec.shape[1],), "bias", op)
     if acts.idx.device != W_dec.device:
         raise ValueError(f"{op}: acts are on {acts.idx.device} but W_dec is on {W_dec.device}")
     # rows explicit: reshape(-1, 0) of an empty batch is ambiguous
@@ -444,11 +444,11 @@ def gated_sae_loss(x: Tensor, W_enc: Tensor, W_dec: Tensor, b_dec: Tensor, b_gat
     d_in, d_sae = W_enc.shape[0], W_enc.shape[1]
     if backends.resolve(backend, x.device) == "reference" or \
             dense_is_faster(capacity, d_sae, x.device, x.dtype):
-        _check_same(dict(x=x, W_enc=W_enc, W_dec=W_dec), "gsae_fast.gated_sae_loss")
+        check_same(dict(x=x, W_enc=W_enc, W_dec=W_dec), "gsae_fast.gated_sae_loss")
         return reference.gated_sae_loss(x, W_enc, W_dec, b_dec, b_gate, r_mag, b_mag,
                                         l1_coefficient, sparsity=sparsity, aux=aux)
-    _check_same(dict(x=x, W_dec=W_dec), "gsae_fast.gated_sae_loss")
-    _check_shape(W_dec, (d_sae, d_in), "W_dec", "gsae_fast.gated_sae_loss")
+    check_same(dict(x=x, W_dec=W_dec), "gsae_fast.gated_sae_loss")
+    check_shape(W_dec, (d_sae, d_in), "W_dec", "gsae_fast.gated_sae_loss")
     acts = gated_encode(x, W_enc, b_dec, b_gate, r_mag, b_mag, capacity=capacity, backend=backend)
     if aux == "none" or not _DECODE_PAIR:
         x_hat = sparse_decode(acts, W_dec, b_dec, backend=backend)

@@ -90,7 +90,7 @@ _backend = {"sae_lens": "auto", "dictionary_learning": "auto"}
 def _sae_lens_ok(sae) -> bool:
     """True when the kernels compute exactly what this SAELens SAE's own methods would."""
     try:
-        interop.check_sae_lens_cfg(interop._sae_lens_cfg_dict(sae))
+        interop.check_sae_lens_cfg(interop.sae_lens_cfg_dict(sae))
     except interop.UnsupportedSAEError:
         return False
     if getattr(sae, "use_error_term", False):

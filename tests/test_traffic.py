@@ -1,5 +1,5 @@
 """The traffic model (bench/traffic.py) against hand computations, and the per-device dense
-switch (gsae_fast.ops): override, environment variable, device types, the CPU default, and the
+switch (gsae_fast.dense_switch): override, environment variable, device types, the CPU default, and the
 loss choosing dense or sparse by it."""
 import os
 import sys

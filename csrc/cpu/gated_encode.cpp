@@ -3,7 +3,7 @@
 // at once, while it is still in cache, by the gate / magnitude epilogue that writes only the
 // active features. The [B, d_sae] matrix is never allocated: one [ROWS, FEATS] tile per thread.
 //
-// Output, the padded-row sparse format (see gsae_fast/sparse.py):
+// Output, the padded-row sparse format (gsae_fast/types.py, SparseActs; docs/design.md):
 //   f [B, K], pi_gate [B, K] (accumulation dtype), idx [B, K] int32, counts [B] int32,
 //   status [2] int32 = {max over rows of the true count, 1 if any z was NaN/Inf}.
 // counts hold the true number of actives even past K (only the first K are written), so the

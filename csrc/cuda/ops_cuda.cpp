@@ -1,4 +1,4 @@
-// The "cuda" executor: host side of the four kernel ops on CUDA tensors (shape, dtype, device
+// The "cuda" executor: host side of the six kernel ops on CUDA tensors (shape, dtype, device
 // checks; torch ops for the GEMMs, sorts and small vectors; the kernels of kernels.cu for the
 // rest). Same contract as the CPU ops (csrc/cpu) and gsae_fast/torch_executor.py.
 //

@@ -28,7 +28,7 @@ def gate_params(sae, layer) -> tuple:
     """``(W_enc, b_dec, b_gate)`` of an SAE whose gate is a fixed threshold of a linear
     function of its input (Gated, JumpReLU, BatchTopK at inference)."""
     try:
-        W_enc, b_dec, b_gate, _, _ = sae._encoder_params()
+        W_enc, b_dec, b_gate, _, _ = sae.encoder_params()
     except (AttributeError, NotImplementedError):
         raise ValueError(f"method='jump_ig' needs the SAEs downstream of the patched layer to "
                          f"have a fixed gate (Gated, JumpReLU, BatchTopK): layer {layer!r} has a "

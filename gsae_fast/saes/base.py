@@ -132,19 +132,19 @@ class SparseSAE(nn.Module):
     def _remember(self, max_count: Optional[int]) -> None:
         remember_capacity(self, max_count, self.d_sae)
 
-    def _encoder_params(self) -> tuple[Tensor, ...]:
+    def encoder_params(self) -> tuple[Tensor, ...]:
         """The encoder as Gated SAE parameters (W_enc, b_dec, b_gate, r_mag, b_mag)."""
         raise NotImplementedError
 
     def encode_sparse(self, x: Tensor) -> SparseActs:
         """Active features of ``x [..., d_in]`` in the sparse format (any backend)."""
-        return hinted_encode(self, x, self._encoder_params(), self._backend_for(x),
+        return hinted_encode(self, x, self.encoder_params(), self._backend_for(x),
                              d_sae=self.d_sae)
 
     def encode(self, x: Tensor) -> Tensor:
         """Dense feature activations ``[..., d_sae]`` (SAELens ``encode`` semantics)."""
         if self._backend_for(x) == "reference":
-            return reference.encode(x, *self._encoder_params())
+            return reference.encode(x, *self.encoder_params())
         return self.encode_sparse(x).to_dense(dtype=x.dtype)
 
     def decode(self, acts: Union[SparseActs, Tensor]) -> Tensor:

@@ -43,7 +43,7 @@ class GatedSAE(SparseSAE):
         self.r_mag = nn.Parameter(torch.zeros(d_sae, **kw))
         self.b_mag = nn.Parameter(torch.zeros(d_sae, **kw))
 
-    def _encoder_params(self) -> tuple[Tensor, ...]:
+    def encoder_params(self) -> tuple[Tensor, ...]:
         return self.W_enc, self.b_dec, self.b_gate, self.r_mag, self.b_mag
 
     def loss(self, x: Tensor, l1_coefficient: float, *, sparsity: str = "unit",

@@ -118,7 +118,7 @@ class JumpReLUSAE(SparseSAE):
             t.data = t.data.float()
         return out
 
-    def _encoder_params(self) -> tuple[Tensor, ...]:
+    def encoder_params(self) -> tuple[Tensor, ...]:
         return as_gated(self.W_enc, self.b_dec, self.b_enc, self.threshold.to(self.b_enc.dtype))
 
     def loss(self, x: Tensor, l0_coefficient: float, **options) -> JumpReLULoss:
@@ -141,7 +141,7 @@ class JumpReLUSAE(SparseSAE):
             out = GatedSAE(self.d_in, self.d_sae, device="meta", decoder_init_norm=None)
             out.backend, out.sae_lens_metadata = self.backend, self.sae_lens_metadata
             for name, value in zip(("W_enc", "b_dec", "b_gate", "r_mag", "b_mag"),
-                                   self._encoder_params()):
+                                   self.encoder_params()):
                 setattr(out, name, nn.Parameter(value.clone()))
             out.W_dec = nn.Parameter(self.W_dec.clone())
         return out

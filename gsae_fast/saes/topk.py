@@ -171,7 +171,7 @@ def topk_encode(x: Tensor, W_enc: Tensor, b_dec: Tensor, b_enc: Tensor, k: float
     dense math: that is :func:`dense_topk`).
     """
     op = "gsae_fast.topk_encode"
-    ops._check_encoder(op, x, W_enc, b_dec, b_enc=b_enc)
+    ops.check_encoder(op, x, W_enc, b_dec, b_enc=b_enc)
     _check_k(k, batch, op, W_enc.shape[1])
     be = backends.resolve(backend, x.device)
     d_in, d_sae = W_enc.shape
@@ -216,14 +216,14 @@ def topk_sae_loss(x: Tensor, W_enc: Tensor, W_dec: Tensor, b_dec: Tensor, b_enc:
     ``backend="reference"`` runs SAELens' dense math (``reference.topk_sae_loss``).
     """
     op = "gsae_fast.topk_sae_loss"
-    ops._check_encoder(op, x, W_enc, b_dec, b_enc=b_enc)
+    ops.check_encoder(op, x, W_enc, b_dec, b_enc=b_enc)
     _check_k(k, batch, op, W_enc.shape[1])
     d_in, d_sae = W_enc.shape
     check_loss_options(dead_neuron_mask, d_sae, aux_style)
     if aux_k is not None and (int(aux_k) != aux_k or aux_k <= 0):
         raise ValueError(f"{op}: aux_k must be a positive integer, got {aux_k!r}")
-    ops._check_same(dict(x=x, W_dec=W_dec), op)
-    ops._check_shape(W_dec, (d_sae, d_in), "W_dec", op)
+    ops.check_same(dict(x=x, W_dec=W_dec), op)
+    ops.check_shape(W_dec, (d_sae, d_in), "W_dec", op)
     if x.shape[:-1].numel() == 0:
         raise ValueError(f"{op}: x has no tokens (the loss is a mean over tokens)")
     be = backends.resolve(backend, x.device)
@@ -360,7 +360,7 @@ class BatchTopKSAE(TopKSAE):
             self.topk_threshold = self.topk_threshold.double()
         return out
 
-    def _encoder_params(self) -> tuple[Tensor, ...]:
+    def encoder_params(self) -> tuple[Tensor, ...]:
         """The inference encoder as Gated parameters: gate ``pre * n > t`` and magnitude
         ``relu(pre * n)`` with ``n`` the decoder norms (1 without rescaling)."""
         t = self.topk_threshold.clamp(min=0).to(self.b_enc.dtype)
