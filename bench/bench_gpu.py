@@ -34,14 +34,11 @@ executor that raises is recorded (meta "errors") and the script exits 1 after th
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
 import re
-import statistics
 import sys
-import time
 import traceback
 
 # Deterministic-algorithm runs need it; read when cuBLAS starts, so set before torch loads.
@@ -51,14 +48,15 @@ if "--smoke" in sys.argv and not __import__("torch").cuda.is_available():
 
 import torch  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/, also when imported
+from _harness import (ROOT, RESULTS, git_commit, md_table, stamp, timeit,  # noqa: E402
+                      triton_version, write_pair)
+
+sys.path.insert(0, ROOT)  # this tree's gsae_fast
 
 import gsae_fast  # noqa: E402
 from gsae_fast import SparseActs, backends, dense_switch, ops, reference  # noqa: E402
 from bench_step import make_step, peers  # noqa: E402
-from _provenance import git_commit  # noqa: E402
 import traffic  # noqa: E402
 
 FULL = (4096, 2304, 65536)
@@ -69,21 +67,6 @@ EXECUTORS = ("triton", "cuda")
 SCATTER_MODES = ("grouped", "atomic")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-
-
-def timeit(fn, repeats, warmup=2):
-    """Median wall time (ms) of fn(), synchronising the device around each call."""
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts) * 1e3
 
 
 def peak_mb(fn):
@@ -300,9 +283,8 @@ def sweep_markdown(rows, results, meta, dtype_name):
            "training step (zero_grad + loss + backward + fused Adam) forced sparse and forced "
            "dense (dense_switch.set_dense_switch); crossing = where dense becomes faster (log-linear "
            "interpolation), as mean L0 and as the capacity switch (L0 * "
-           f"{dense_switch.CAPACITY_OVER_L0:.3f} / d_sae).", "",
-           "| " + " | ".join(SWEEP_COLS) + " |", "|" + "---|" * len(SWEEP_COLS)]
-    out += ["| " + " | ".join(cell(r.get(c)) for c in SWEEP_COLS) + " |" for r in rows]
+           f"{dense_switch.CAPACITY_OVER_L0:.3f} / d_sae).", ""]
+    out += md_table(SWEEP_COLS, [[cell(r.get(c)) for c in SWEEP_COLS] for r in rows])
     out.append("")
     for be, res in results.items():
         def num(v, fmt):
@@ -353,8 +335,8 @@ def markdown(rows, meta):
     out += [f"Failed: {case} ({err})." for case, err in meta["errors"].items()]
     for title, cols in SECTIONS:
         out += ["", f"## {title}", "", "B, d_in, d_sae = " + ", ".join(map(str, meta["shape"])),
-                "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-        out += ["| " + " | ".join(cell(r.get(c)) for c in cols) + " |" for r in rows]
+                ""]
+        out += md_table(cols, [[cell(r.get(c)) for c in cols] for r in rows])
     return "\n".join(out) + "\n"
 
 
@@ -387,14 +369,9 @@ def main():
     dtypes = list(dict.fromkeys(DTYPES[d] for d in args.dtype or ("float32", "bfloat16")))
     l0s = (8,) if args.smoke else (32,) if args.quick else (32, 128)
     cases = [(dt, l0) for dt in dtypes for l0 in l0s][:1 if args.smoke else None]
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = "not installed"
     copy_gbs = copy_bandwidth_gbs(device, repeats)
-    meta = {"date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "commit": git_commit(),
-            "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton_version,
+    meta = {"date": stamp(), "commit": git_commit(),
+            "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton_version(),
             "repeats": repeats,
             "device": torch.cuda.get_device_name() if device == "cuda" else "CPU (interpreter)",
             "shape": shape, "copy_gbs": copy_gbs, "executors": exes,
@@ -403,7 +380,7 @@ def main():
         print(f"bench_gpu: {be} executor not measured: {r}", file=sys.stderr)
     stem = None
     if args.out is not None or not args.smoke:
-        out_dir = args.out or os.path.join(ROOT, "bench", "results")
+        out_dir = args.out or RESULTS
         os.makedirs(out_dir, exist_ok=True)
         slug = re.sub(r"[^a-z0-9]+", "_", meta["device"].lower()).strip("_")
         stem = os.path.join(out_dir, f"gpu_{slug}" + ("_sweep" if args.sweep else
@@ -413,12 +390,8 @@ def main():
         return run_sweep(args, shape, dtypes, exes, repeats, device, meta, stem)
 
     def save():  # after every row: a crash later keeps what was measured
-        if stem is None:
-            return
-        with open(stem + ".md", "w") as f:
-            f.write(markdown(rows, meta))
-        with open(stem + ".json", "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        if stem is not None:
+            write_pair(stem, markdown(rows, meta), {"meta": meta, "rows": rows})
 
     for i, (dtype, l0) in enumerate(cases):
         name = str(dtype).split(".")[1]
@@ -474,10 +447,7 @@ def run_sweep(args, shape, dtypes, exes, repeats, device, meta, stem):
         print(text)
         if stem is not None:
             path = stem + ("" if len(dtypes) == 1 else f"_{name}")
-            with open(path + ".md", "w") as f:
-                f.write(text)
-            with open(path + ".json", "w") as f:
-                json.dump({"meta": meta, "rows": rows, "results": results}, f, indent=1)
+            write_pair(path, text, {"meta": meta, "rows": rows, "results": results})
             print(f"wrote {path}.md and {path}.json", file=sys.stderr)
     if errors:
         sys.exit(f"bench_gpu: failed: {errors}")

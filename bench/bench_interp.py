@@ -26,22 +26,19 @@ relative to the largest effect).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
-import statistics
 import subprocess
 import sys
-import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from _harness import (RESULTS, ROOT, cpu_name, git_commit, md_table, reset_peak,  # bench/
+                      rss_kb, stamp, timeit, write_pair)
+
+sys.path.insert(0, ROOT)  # this tree's gsae_fast
 
 import gsae_fast  # noqa: E402
-from _memory import reset_peak, rss_kb  # noqa: E402  (bench/, the script's directory)
 from gsae_fast import activations as A  # noqa: E402
 from gsae_fast import interp, reference  # noqa: E402
 
@@ -175,21 +172,17 @@ def probe(impl, method, cfg, repeats, save):
     reset_peak()
     res = fn(*args)
     peak = (rss_kb("VmHWM:") - base) / 1024
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn(*args)
-        ts.append(time.perf_counter() - t0)
+    ms = timeit(lambda: fn(*args), repeats, warmup=0)  # the call above was the warm-up
     if res is not None:
         torch.save(res, save)
-    return {"ms": statistics.median(ts) * 1e3, "peak_mb": peak}
+    return {"ms": ms, "peak_mb": peak}
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
+    p.add_argument("--out", default=RESULTS)
     p.add_argument("--probe", nargs=3, metavar=("IMPL", "METHOD", "SAVE"))
     args = p.parse_args()
     cfg = QUICK if args.quick else FULL
@@ -218,24 +211,23 @@ def main():
                 if r["method"] == method:
                     r["max_rel_diff_dense_vs_sparse"] = diff
     by = {(r["method"], r["impl"]): r for r in rows}
-    lines = ["| method | steps | dense ms | sparse ms | floor ms | dense / sparse | "
-             "sparse / floor | dense peak MB | sparse peak MB | max rel. diff |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    cells = []
     for method in ("atp", "ig"):
         d, s, f = (by[(method, i)] for i in ("dense", "sparse", "floor"))
-        lines.append(f"| {method} | {1 if method == 'atp' else cfg['steps']} | {d['ms']:.0f} | "
-                     f"{s['ms']:.0f} | {f['ms']:.0f} | {d['ms'] / s['ms']:.2f} | "
-                     f"{s['ms'] / f['ms']:.2f} | {d['peak_mb']:.0f} | {s['peak_mb']:.0f} | "
-                     f"{d['max_rel_diff_dense_vs_sparse']:.1e} |")
+        cells.append([method, 1 if method == "atp" else cfg["steps"], f"{d['ms']:.0f}",
+                      f"{s['ms']:.0f}", f"{f['ms']:.0f}", f"{d['ms'] / s['ms']:.2f}",
+                      f"{s['ms'] / f['ms']:.2f}", f"{d['peak_mb']:.0f}", f"{s['peak_mb']:.0f}",
+                      f"{d['max_rel_diff_dense_vs_sparse']:.1e}"])
+    lines = md_table(["method", "steps", "dense ms", "sparse ms", "floor ms", "dense / sparse",
+                      "sparse / floor", "dense peak MB", "sparse peak MB", "max rel. diff"],
+                     cells)
     print("\n".join(lines))
     if args.quick:
         return
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, cwd=ROOT).stdout.strip()
-    meta = dict(commit=commit, date=datetime.date.today().isoformat(),
-                cpu=platform.processor() or platform.machine(), threads=os.cpu_count(),
+    commit = git_commit()
+    meta = dict(commit=commit, date=stamp(minutes=False),
+                cpu=cpu_name(), threads=os.cpu_count(),
                 torch=torch.__version__, **cfg, layers=list(LAYERS))
-    os.makedirs(args.out, exist_ok=True)
     head = (f"# Feature attribution: gsae_fast.interp vs a dense PyTorch implementation\n\n"
             f"`python bench/bench_interp.py`, commit {commit}, {meta['date']}, CPU "
             f"({meta['cpu']}, {meta['threads']} threads), torch {torch.__version__}. Random "
@@ -244,10 +236,8 @@ def main():
             f"{cfg['pos']} tokens, IG steps {cfg['steps']} batched {cfg['batch_size']} "
             f"sequences per forward, live error nodes. Median of {args.repeats} calls; peak "
             f"memory added by one call (fresh process).\n\n")
-    with open(os.path.join(args.out, "interp_cpu.md"), "w") as f:
-        f.write(head + "\n".join(lines) + "\n")
-    with open(os.path.join(args.out, "interp_cpu.json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    write_pair(os.path.join(args.out, "interp_cpu"), head + "\n".join(lines) + "\n",
+               {"meta": meta, "rows": rows})
 
 
 if __name__ == "__main__":

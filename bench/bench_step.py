@@ -22,39 +22,24 @@ A full run writes bench/results/step_cpu.md and .json (or to --out DIR).
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
-import statistics
 import subprocess
 import sys
-import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from _harness import (ROOT, RESULTS, cpu_name, git_commit, md_table, reset_peak,  # bench/
+                      rss_kb, stamp, timeit, write_pair)
+
+sys.path.insert(0, ROOT)  # this tree's gsae_fast
 
 import gsae_fast  # noqa: E402
-from _memory import reset_peak, rss_kb  # noqa: E402  (bench/, the script's directory)
 from gsae_fast import ops, reference  # noqa: E402
 
 BASE = (1024, 512, 16384)   # (B, d_in, d_sae)
 LARGE = (2048, 1024, 32768)
 L0S = (16, 64, 256, 2048)
 PARAMS = ("W_enc", "W_dec", "b_dec", "b_gate", "r_mag", "b_mag")
-
-
-def timeit(fn, repeats, warmup=2):
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts) * 1e3
 
 
 def set_l0(sae, x, l0):
@@ -137,12 +122,11 @@ def bench_case(shape, l0, repeats, with_peers, l1=1e-3):
     row["adam_ms"] = timeit(adam.step, repeats)
     row["floor_ms"] = row["gemm_ms"] + row["adam_ms"]
     row["cpu_ms"] = timeit(make_step(sae, lambda: sae.loss(x, l1).loss, adam), repeats)
-    saved = ops.DENSE_SWITCH_FRACTION
-    ops.DENSE_SWITCH_FRACTION = 1.0  # force the sparse path whatever the L0
+    ops.set_dense_switch(1.0, "cpu")  # force the sparse path whatever the L0
     try:
         row["cpu_sparse_ms"] = timeit(make_step(sae, lambda: sae.loss(x, l1).loss, adam), repeats)
     finally:
-        ops.DENSE_SWITCH_FRACTION = saved
+        ops.set_dense_switch(None, "cpu")
     ref_adam = torch.optim.Adam(ref.parameters(), lr=1e-9, fused=True)
     row["reference_ms"] = timeit(make_step(ref, lambda: ref.loss(x, l1).loss, ref_adam), repeats)
     if with_peers:
@@ -197,20 +181,18 @@ def markdown(rows, mem, meta):
     out = [f"# Gated SAE training step, {meta['device']}", "",
            f"{meta['date']}, commit {meta['commit']}, torch {meta['torch']}, "
            f"{meta['threads']} threads, fp32, Adam(fused=True). Median of {meta['repeats']} "
-           "(after 2 warm-ups). Step = zero_grad + loss + backward + Adam.", "",
-           "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        out.append("| " + " | ".join(
-            f"{r[c]:.2f}" if isinstance(r.get(c), float) and c.endswith(("over_floor", "over_gemm", "reference"))
-            else (f"{r[c]:.1f}" if isinstance(r.get(c), float) else str(r.get(c, "")))
-            for c in cols) + " |")
+           "(after 2 warm-ups). Step = zero_grad + loss + backward + Adam.", ""]
+    out += md_table(cols, [[
+        f"{r[c]:.2f}" if isinstance(r.get(c), float) and c.endswith(("over_floor", "over_gemm", "reference"))
+        else (f"{r[c]:.1f}" if isinstance(r.get(c), float) else str(r.get(c, "")))
+        for c in cols] for r in rows])
     if mem:
-        out += ["", "Peak resident memory added by one call (MB), fresh process each:", "",
-                "| shape (B, d_in, d_sae) | L0 | encode_sparse | reference encode | one B x d_sae fp32 |",
-                "|---|---|---|---|---|"]
-        for m in mem:
-            out.append(f"| {m['shape']} | {m['l0']} | {m['encode_sparse']:.1f} | "
-                       f"{m['reference_encode']:.1f} | {m['B_x_d_sae_fp32_mb']:.1f} |")
+        out += ["", "Peak resident memory added by one call (MB), fresh process each:", ""]
+        out += md_table(["shape (B, d_in, d_sae)", "L0", "encode_sparse", "reference encode",
+                         "one B x d_sae fp32"],
+                        [[m["shape"], m["l0"], f"{m['encode_sparse']:.1f}",
+                          f"{m['reference_encode']:.1f}", f"{m['B_x_d_sae_fp32_mb']:.1f}"]
+                         for m in mem])
     return "\n".join(out) + "\n"
 
 
@@ -236,14 +218,9 @@ def main():
     cases = [(BASE, l0) for l0 in ((16, 64) if args.quick else L0S)]
     if not args.quick and not args.no_large:
         cases += [(LARGE, l0) for l0 in (64, 256)]
-    try:
-        commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"],
-                                capture_output=True, text=True).stdout.strip() or "unknown"
-    except OSError:
-        commit = "unknown"
-    meta = {"date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "commit": commit,
+    meta = {"date": stamp(), "commit": git_commit(),
             "torch": torch.__version__, "threads": torch.get_num_threads(), "repeats": repeats,
-            "device": f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+            "device": f"CPU ({cpu_name()}, {os.cpu_count()} cores)",
             "quick": args.quick}
     rows = []
     for i, (shape, l0) in enumerate(cases):
@@ -257,15 +234,11 @@ def main():
         mem.append({"shape": shape, "l0": l0, **memory_rows(shape, l0)})
     md = markdown(rows, mem, meta)
     print(md)
-    out_dir = args.out or (None if args.quick else os.path.join(ROOT, "bench", "results"))
+    out_dir = args.out or (None if args.quick else RESULTS)
     if out_dir is None:
         return
-    os.makedirs(out_dir, exist_ok=True)
     stem = os.path.join(out_dir, f"step_cpu{'_quick' if args.quick else ''}")
-    with open(stem + ".md", "w") as f:
-        f.write(md)
-    with open(stem + ".json", "w") as f:
-        json.dump({"meta": meta, "rows": rows, "memory": mem}, f, indent=1)
+    write_pair(stem, md, {"meta": meta, "rows": rows, "memory": mem})
     print(f"wrote {stem}.md and {stem}.json", file=sys.stderr)
 
 

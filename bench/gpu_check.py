@@ -28,7 +28,6 @@ sanitizers): 8 files. Prints the table last; exits 1 if a step failed or timed o
 """
 from __future__ import annotations
 
-import datetime
 import importlib.util
 import json
 import os
@@ -41,9 +40,8 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _provenance import git_commit  # noqa: E402  (no torch in this process)
+from _harness import ROOT, git_commit, md_table, stamp, triton_version, write_pair  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
 SELF = os.path.abspath(__file__)
 # step: (time cap in seconds, log file); the caps add up to 540 s
@@ -200,14 +198,9 @@ def helper(name, arg=None):
     if name == "--env-json":
         import platform
         import torch
-        try:
-            import triton
-            tv = triton.__version__
-        except ImportError:
-            tv = "not installed"
         cuda = torch.cuda.is_available()
         env = {"python": platform.python_version(), "torch": torch.__version__,
-               "torch_cuda": torch.version.cuda, "triton": tv,
+               "torch_cuda": torch.version.cuda, "triton": triton_version(),
                "device": torch.cuda.get_device_name() if cuda else "no CUDA device (CPU)",
                "capability": ".".join(map(str, torch.cuda.get_device_capability())) if cuda
                else None, "cpus": os.cpu_count()}
@@ -283,7 +276,7 @@ def main(argv):
     scratch = tempfile.mkdtemp(prefix="gsae_gpu_check_")  # the cache, the run, bench files
     results, spare, t_run = [], 0.0, time.monotonic()
     meta = {"mode": "dry (no GPU: CPU stand-ins)" if dry else "GPU",
-            "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "commit": commit}
+            "date": stamp(), "commit": commit}
     bench = {}
 
     def step(name, commands, step_env=None, **kw):
@@ -392,9 +385,6 @@ def main(argv):
 
 def write_summary(out, meta, results, bench, text, code):
     steps = [{k: v for k, v in r.items() if k != "output"} for r in results]
-    with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump({"meta": meta, "steps": steps, "exit_code": code,
-                   "bench": {k: v for k, v in bench.items() if k != "markdown"}}, f, indent=1)
     lines = [f"# GPU check: {meta.get('device', '?')}", "",
              f"- mode: {meta['mode']}", f"- device: {meta.get('device', '?')}"
              + "".join(f"; {g}" for g in meta.get("gpus", [])),
@@ -403,16 +393,17 @@ def write_summary(out, meta, results, bench, text, code):
              f"- torch: {meta.get('torch', '?')} (CUDA {meta.get('torch_cuda', '?')})",
              f"- triton: {meta.get('triton', '?')}", f"- nvcc: {meta.get('nvcc', '?')}",
              f"- wall time: {meta['seconds']:.0f} s; exit code {code} ('refused' is not a "
-             "failure; the environment step never fails the run)", "",
-             "| step | outcome | seconds | headline | log |", "|---|---|---|---|---|"]
-    lines += [f"| {r['step']} | {r['outcome']} | {r['seconds']:.1f} | "
-              f"{r.get('headline', '').replace('|', '/')} | {r['log']} |" for r in results]
+             "failure; the environment step never fails the run)", ""]
+    lines += md_table(["step", "outcome", "seconds", "headline", "log"],
+                      [[r["step"], r["outcome"], f"{r['seconds']:.1f}",
+                        r.get("headline", "").replace("|", "/"), r["log"]] for r in results])
     lines += ["", "```", text, "```", ""]
     if bench.get("markdown"):
         lines += ["## Benchmark (bench/bench_gpu.py)", ""]
         lines += ["##" + x if x.startswith("#") else x for x in bench["markdown"].splitlines()]
-    with open(os.path.join(out, "summary.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    write_pair(os.path.join(out, "summary"), "\n".join(lines) + "\n",
+               {"meta": meta, "steps": steps, "exit_code": code,
+                "bench": {k: v for k, v in bench.items() if k != "markdown"}})
 
 
 if __name__ == "__main__":

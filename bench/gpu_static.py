@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import datetime
-import json
 import multiprocessing
 import os
 import re
@@ -33,12 +31,11 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from _harness import ROOT, RESULTS, git_commit, md_table, stamp, triton_version, write_pair
+
 sys.path.insert(0, os.path.join(ROOT, "tests"))
-sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 import triton_aot  # noqa: E402  (pops TRITON_INTERPRET, imports triton)
-from _provenance import git_commit  # noqa: E402
 
 # name, registers per SM, shared memory per SM, most per block (opt-in), threads, blocks
 SM_LIMITS = {90: ("H100", 65536, 228 * 1024, 227 * 1024, 2048, 32),
@@ -190,6 +187,10 @@ def _meta(meta):
     return " ".join(f"{k}={v}" for k, v in meta.items() if k != "GROUP_M")
 
 
+def _limit(r):
+    return f" ({r['limited_by']})" if r["limited_by"] else ""
+
+
 def markdown(report) -> str:
     t_recs = report["triton"]["records"]
     lines = [f"# Static GPU resources (no GPU needed)", "",
@@ -219,36 +220,33 @@ def markdown(report) -> str:
             for r in failed] + [""]
     for arch in sorted({r["arch"] for r in t_recs}):
         gpu = SM_LIMITS[arch][0]
-        lines += [f"## Triton, sm_{arch} ({gpu})", "",
-                  "| kernel | config | warps/stages | dtype | regs | spills | stack B | shared B "
-                  "| blocks/SM | MMA |",
-                  "|---|---|---|---|---:|---:|---:|---:|---:|---|"]
+        rows = []
         for r in t_recs:
             if r["arch"] != arch or not r["ok"] or not r.get("resources"):
                 continue
             res = r["resources"]
-            lim = f" ({r['limited_by']})" if r["limited_by"] else ""
-            lines.append(f"| {r['kernel']} | {_meta(r['meta'])} | {r['num_warps']}/"
-                         f"{r['num_stages']} | {r['dtype']} | {res['regs']} | {res['spills']} | "
-                         f"{res['stack']} | {r['shared_total']} | {r['blocks_per_sm']}{lim} | "
-                         f"{_mma(res['mma'])} |")
+            rows.append([r["kernel"], _meta(r["meta"]), f"{r['num_warps']}/{r['num_stages']}",
+                         r["dtype"], res["regs"], res["spills"], res["stack"], r["shared_total"],
+                         f"{r['blocks_per_sm']}{_limit(r)}", _mma(res["mma"])])
+        lines += [f"## Triton, sm_{arch} ({gpu})", ""]
+        lines += md_table(["kernel", "config", "warps/stages", "dtype", "regs", "spills",
+                           "stack B", "shared B", "blocks/SM", "MMA"], rows,
+                          ["---"] * 4 + ["---:"] * 5 + ["---"])
         lines.append("")
     c_recs = report["cuda"]["records"]
     for arch in sorted({r["arch"] for r in c_recs}):
         gpu = SM_LIMITS[arch][0]
-        lines += [f"## CUDA (csrc/cuda/kernels.cu), sm_{arch} ({gpu})", "",
-                  "| kernel | threads | regs | spills | spill B | stack B | shared B | blocks/SM "
-                  "| MMA |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
-        for r in c_recs:
-            if r["arch"] != arch:
-                continue
-            if not r["ok"]:
-                lines.append(f"| compile failed | | | | | | | | {r['error'][-200:]} |")
-                continue
-            lim = f" ({r['limited_by']})" if r["limited_by"] else ""
-            lines.append(f"| `{r['kernel']}` | {r['threads']} | {r['regs']} | {r['spills']} | "
-                         f"{r['spill_bytes']} | {r['stack']} | {r['shared_total']} | "
-                         f"{r['blocks_per_sm']}{lim} | {_mma(r['mma'])} |")
+        recs = [r for r in c_recs if r["arch"] == arch]
+        lines += [f"## CUDA (csrc/cuda/kernels.cu), sm_{arch} ({gpu})", ""]
+        lines += md_table(["kernel", "threads", "regs", "spills", "spill B", "stack B",
+                           "shared B", "blocks/SM", "MMA"],
+                          [[f"`{r['kernel']}`", r["threads"], r["regs"], r["spills"],
+                            r["spill_bytes"], r["stack"], r["shared_total"],
+                            f"{r['blocks_per_sm']}{_limit(r)}", _mma(r["mma"])]
+                           for r in recs if r["ok"]], ["---"] + ["---:"] * 7 + ["---"])
+        # a failed compilation is the arch's only record: its line alone under the header
+        lines += [f"| compile failed | | | | | | | | {r['error'][-200:]} |"
+                  for r in recs if not r["ok"]]
         lines.append("")
     return "\n".join(lines)
 
@@ -257,7 +255,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--arch", type=int, action="append", help="90, 80 (default both)")
     ap.add_argument("--jobs", type=int, default=min(4, len(os.sched_getaffinity(0))))
-    ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "gpu_static"),
+    ap.add_argument("--out", default=os.path.join(RESULTS, "gpu_static"),
                     help="path without extension: writes .md and .json")
     args = ap.parse_args()
     archs = args.arch or [90, 80]
@@ -266,15 +264,10 @@ def main():
     print(f"triton: {len(t_recs)} compilations, {time.time() - t0:.0f} s", flush=True)
     c_recs, nvcc = cuda_records(archs)
     print(f"cuda: {len(c_recs)} kernels, {time.time() - t0:.0f} s", flush=True)
-    import triton
-    report = dict(commit=git_commit(), date=datetime.date.today().isoformat(),
-                  triton=dict(version=triton.__version__, records=t_recs),
+    report = dict(commit=git_commit(), date=stamp(minutes=False),
+                  triton=dict(version=triton_version(), records=t_recs),
                   cuda=dict(nvcc=nvcc, records=c_recs), seconds=round(time.time() - t0))
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out + ".json", "w") as fh:
-        json.dump(report, fh, indent=1)
-    with open(args.out + ".md", "w") as fh:
-        fh.write(markdown(report) + "\n")
+    write_pair(args.out, markdown(report) + "\n", report)
     print(f"wrote {args.out}.md and .json ({time.time() - t0:.0f} s)")
     failed = sum(not r["ok"] for r in t_recs + c_recs)
     sys.exit(1 if failed else 0)
