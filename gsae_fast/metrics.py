@@ -14,6 +14,9 @@
 - feature density (fraction of tokens on which each feature fires), ``dead_fraction`` (never
   fired in the evaluated tokens), ``dense_fraction`` (fires on more than ``DENSE`` of the tokens)
   and a histogram of ``log10(density)``.
+- CE loss recovered (:func:`evaluate_ce_loss`): the model's next-token loss with the SAE's
+  reconstruction spliced into a layer, against the clean loss and the loss with the layer
+  zeroed.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .hooks import ce_loss, replace_output
 from .types import SparseActs
 
 DENSE = 0.1  # a feature firing on more than 10% of tokens counts as dense
@@ -119,3 +123,34 @@ def ce_loss_recovered(ce_clean: float, ce_sae: float, ce_zero: float) -> float:
     """``(CE_zero_ablated - CE_with_SAE) / (CE_zero_ablated - CE_clean)``: 1 when splicing the
     SAE in costs nothing, 0 when it is as bad as zeroing the layer."""
     return (ce_zero - ce_sae) / (ce_zero - ce_clean) if ce_zero != ce_clean else float("nan")
+
+
+def evaluate_ce_loss(sae, model, layer: str, tokens: Tensor) -> dict:
+    """The CE loss recovered by ``sae`` spliced into ``model`` at ``layer``.
+
+    ``tokens``: ``[contexts, ctx]`` token ids (e.g. ``ModelActivations.token_contexts(n)``);
+    ``layer``: a module name or ``resid:N`` / ``mlp:N`` / ``attn:N``
+    (:func:`gsae_fast.hooks.resolve_hook`). Three next-token losses
+    (:func:`gsae_fast.hooks.ce_loss`): clean, with the layer's output replaced by the SAE's
+    reconstruction (computed in the SAE's dtype, cast back to the layer's), and with the output
+    replaced by zeros. Position 0 of each context keeps its clean output in both replacements:
+    the SAEs are trained without it (its activations are outliers), so replacing it would
+    measure inputs the SAE never saw.
+
+    Returns ``{"clean", "with_sae", "zero_ablated", "recovered", "contexts"}``, ``recovered``
+    being :func:`ce_loss_recovered` of the three (meaningless unless ``zero_ablated > clean``).
+    """
+    def keep_first(fn):
+        return lambda out: torch.cat([out[:, :1], fn(out[:, 1:])], dim=1)
+
+    with torch.no_grad():
+        clean = ce_loss(model, tokens)
+        with replace_output(model, layer, keep_first(
+                lambda h: sae(h.to(sae.W_dec.dtype)).to(h.dtype))):
+            with_sae = ce_loss(model, tokens)
+        with replace_output(model, layer, keep_first(torch.zeros_like)):
+            zero = ce_loss(model, tokens)
+    return {"clean": clean, "with_sae": with_sae, "zero_ablated": zero,
+            "recovered": ce_loss_recovered(clean, with_sae, zero),
+            "contexts": int(tokens.shape[0])}
+

@@ -9,6 +9,12 @@ own right. The study trains the same
 Gated SAE on the synthetic ground-truth data with ``aux`` = frozen (the paper), shared (SAELens)
 and none, and reports feature recovery, L0, FVE, relative reconstruction bias and the scale of
 ``relu(pi_gate)`` against that of the activations ``f``.
+
+Feature-effect estimators (issue 10, part a): see the section comment below.
+
+:func:`run_aux_study` and :func:`run_estimator_study` are the ``gsae-fast study`` command's
+bodies: the study, its results files under a header saying how they were made, a printed
+summary.
 """
 from __future__ import annotations
 
@@ -18,11 +24,13 @@ from typing import Callable, Optional
 
 import torch
 
-from . import metrics
+from . import metrics, reference
+from .demo import DEMO, demo_train_config, pyplot
+from .progress import Progress
 from .synthetic import SyntheticConfig, SyntheticFeatures, feature_recovery
 from .train import Trainer
 
-AUX_MODES = ("frozen", "shared", "none")
+AUX_MODES = reference.AUX_CHOICES
 
 
 @torch.no_grad()
@@ -41,7 +49,6 @@ def _gate_scale(sae, batches) -> dict:
 def aux_study(*, steps: int = 1500, seed: int = 0, device="cpu", backend: str = "auto",
               progress: Optional[Callable[[str, int, int], None]] = None) -> list[dict]:
     """One row per ``aux`` mode: the same data, initialisation and hyperparameters (the demo's)."""
-    from .cli import DEMO, demo_train_config
     if steps < 30:
         raise ValueError(f"the study needs at least 30 steps (warm-ups and decay), got {steps}")
     rows = []
@@ -90,7 +97,6 @@ def write_aux_study(rows: list[dict], out_dir: str, header: str) -> list[str]:
         lines.append("| " + " | ".join(r[k] if isinstance(r[k], str) else f"{r[k]:.4g}"
                                        for k, _ in cols) + " |")
     paths = _write_results(out_dir, "study_aux", lines, rows)
-    from .cli import pyplot
     plt = pyplot()
     if plt is None:
         return paths
@@ -139,7 +145,6 @@ def train_layer_sae(model, layer: str, tokens: torch.Tensor, *, steps: int, seed
     assume that scale) and the scale is folded back into the SAE, which then reads the layer's
     raw outputs: ``W_enc * s``, ``W_dec / s``, ``b_dec / s``."""
     from . import activations as A
-    from .cli import demo_train_config
     x = A.layer_output(model, tokens, layer).reshape(-1, model.config.n_embd).float()
     s = float((x.pow(2).sum(-1).mean() / x.shape[1]).rsqrt())
     pool = x * s
@@ -274,7 +279,6 @@ def write_estimator_study(result: dict, out_dir: str, header: str) -> list[str]:
                      + " | ".join(f"{r['relative_error']:.3f}" for r in rs)
                      + f" | {rs[0]['ms_per_1000']:.0f} |")
     paths = _write_results(out_dir, "study_estimators", lines, result)
-    from .cli import pyplot
     plt = pyplot()
     if plt is None:
         return paths
@@ -310,3 +314,96 @@ def write_estimator_study(result: dict, out_dir: str, header: str) -> list[str]:
     fig.savefig(paths[-1], dpi=100)
     plt.close(fig)
     return paths
+
+
+# ----------------------------------------------------------------------- the command's bodies
+
+
+def _say(*args) -> None:
+    print(*args, flush=True)  # flushed: the lines interleave with the progress bar on stderr
+
+
+def _provenance(device) -> str:
+    """"on DEVICE (CPU), commit C, DATE": the header line of a results file."""
+    import datetime
+    import platform
+    import subprocess
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, cwd=os.path.dirname(__file__)).stdout.strip()
+    except OSError:
+        commit = ""
+    cpu = platform.processor() or platform.machine()
+    return (f"on {device} ({cpu}), commit {commit or 'unknown'}, "
+            f"{datetime.date.today().isoformat()}")
+
+
+def run_aux_study(*, steps: int = 1500, seed: int = 0, device="cpu", backend: str = "auto",
+                  out: str = os.path.join("bench", "results"), quiet: bool = False) -> list[dict]:
+    """:func:`aux_study`, written to ``out`` (study_aux.md, .json, .png) and summarised on
+    stdout; returns its rows. ``quiet``: no progress bar."""
+    bar = Progress(3 * steps, "study aux", enabled=not quiet)
+    done = {m: 0 for m in AUX_MODES}
+
+    def progress(aux, step, total):
+        done[aux] = step
+        bar(sum(done.values()), 3 * total, f"aux={aux}")
+
+    rows = aux_study(steps=steps, seed=seed, device=device, backend=backend, progress=progress)
+    header = (f"# Gated SAE loss design: the auxiliary term\n\n`gsae-fast study --which aux "
+              f"--steps {steps} --seed {seed}` {_provenance(device)}. The demo's "
+              f"synthetic data (128 true features in 64 dimensions), SAE (256 features) "
+              f"and hyperparameters; metrics on 8 held-out batches; mean relu(pi_gate) and "
+              f"mean f over the open gates.")
+    paths = write_aux_study(rows, out, header)
+    for r in rows:
+        _say(f"aux={r['aux']:7s} recovery {r['mean_max_cosine_similarity']:.3f}  L0 "
+             f"{r['l0']:.2f}  FVE {r['fve']:.3f}  bias "
+             f"{r['relative_reconstruction_bias']:.3f}  relu(pi_gate) "
+             f"{r['mean_relu_pi_gate']:.3g} (f {r['mean_f']:.3g})")
+    _say("wrote " + ", ".join(paths))
+    return rows
+
+
+def run_estimator_study(*, train_steps: int = 600, pairs: int = 16, seed: int = 0,
+                        device="cpu", backend: str = "auto",
+                        out: str = os.path.join("bench", "results"), quiet: bool = False) -> dict:
+    """:func:`estimator_study` (on the CPU; ``device`` is only recorded in the header),
+    written to ``out`` (study_estimators.md, .json, .png) and summarised on stdout; returns
+    its result. Needs transformers. ``quiet``: no progress bar."""
+    import importlib.util
+    if importlib.util.find_spec("transformers") is None:
+        raise SystemExit("the estimator study runs a random-weight transformers model: "
+                         "pip install transformers (or make study)")
+    # One pair costs about as much as 300 training steps (2 CPU cores): the bar's units.
+    per_pair, ts = 300, train_steps
+    bar = Progress(2 * ts + per_pair * pairs, "study estimators", enabled=not quiet)
+    first = {"train resid:0": 0, "train resid:1": ts, "estimators": 2 * ts}
+
+    def progress(what, i, n):
+        bar(first[what] + (i * per_pair if what == "estimators" else i), info=what)
+
+    result = estimator_study(seed=seed, train_steps=ts, n_pairs=pairs, backend=backend,
+                             progress=progress)
+    st = result["setup"]
+    header = (f"# Feature-effect estimators across the Gated SAE's gate\n\n`gsae-fast "
+              f"study --which estimators --train-steps {train_steps} --pairs "
+              f"{pairs} --seed {seed}` {_provenance(device)}. A random-weight GPT-2 "
+              f"(3 blocks, d_model 64, vocab 256) on random tokens; Gated SAEs "
+              f"({st['d_sae']} features) trained by the trainer on resid:0 and resid:1 "
+              f"and both spliced; {st['n_pairs']} clean/patch pairs of {st['ctx']} "
+              f"tokens ({st['patched_positions']} positions resampled); metric: the "
+              f"logit difference of two tokens at the last position. Effects of resid:0's "
+              f"nodes, per (pair, position, feature), with resid:1's error node held "
+              f"(`other_errors=\"clean\"`: every effect passes resid:1's gates), against "
+              f"exact activation patching of each node alone. Relative error: "
+              f"sum|est - exact| / sum|exact|. Time: wall time of the `node_effects` "
+              f"calls (both layers) per 1000 changed nodes, on this CPU.")
+    paths = write_estimator_study(result, out, header)
+    by = {(r["estimator"], r["steps"], r["group"]): r for r in result["rows"]}
+    for g in ("flip", "no flip"):
+        _say(f"{g:8s}: correlation with exact: atp {by[('atp', 1, g)]['correlation']:.3f}"
+             f", ig N=64 {by[('ig', 64, g)]['correlation']:.3f}, jump_ig N=4 "
+             f"{by[('jump_ig', 4, g)]['correlation']:.3f}")
+    _say("wrote " + ", ".join(paths))
+    return result

@@ -35,33 +35,59 @@ from typing import Callable, Optional
 
 import torch
 
-from . import distributed, ops
+from . import backends, distributed, ops, reference
 from .saes import GatedSAE
 
 DECODER_MODES = ("unit_norm", "norm_penalty")
+AUX_MODES = reference.AUX_CHOICES
+# The executors a run may name (the emulated CUDA one is for tests of the kernels, not training).
+BACKENDS = ("auto",) + tuple(b for b in backends.BACKENDS if b != "cuda_emulated")
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
 
 
 @dataclass
 class TrainConfig:
-    d_sae: int = 4096
-    l1_coefficient: float = 1.0
-    steps: int = 1000
-    batch_size: int = 4096
-    lr: float = 5e-5
-    betas: tuple = (0.0, 0.999)
-    warmup_steps: int = 100
-    decay_start: Optional[int] = None  # None: no decay (dictionary_learning's default)
-    sparsity_warmup_steps: int = 200
-    decoder: str = "unit_norm"
-    aux: str = "frozen"
-    backend: str = "auto"
-    compute_dtype: str = "auto"  # "auto": bfloat16 on CUDA, float32 elsewhere
-    dead_after_tokens: int = 10_000_000
-    seed: int = 0
-    log_every: int = 10
-    checkpoint_every: int = 1000  # 0: at the end only
-    parallel: str = "none"  # "data" | "feature": torch.distributed (gsae_fast.distributed)
-    extra: dict = field(default_factory=dict)  # free-form (data description, for the record)
+    """A training run's settings. Every field but ``extra`` is a ``gsae-fast train`` flag
+    (``d_sae`` -> ``--d-sae``): its ``metadata`` holds the flag's ``help`` and, where the values
+    are a fixed set, ``choices`` (``type`` where the default, None, does not tell it)."""
+
+    d_sae: int = field(default=4096, metadata={"help": "dictionary size (features)"})
+    l1_coefficient: float = field(default=1.0, metadata={"help": "sparsity coefficient lambda"})
+    steps: int = field(default=1000, metadata={"help": "optimisation steps"})
+    batch_size: int = field(default=4096, metadata={"help": "tokens per step"})
+    lr: float = field(default=5e-5, metadata={"help": "Adam learning rate (peak)"})
+    betas: tuple = field(default=(0.0, 0.999),
+                         metadata={"help": "Adam betas (dictionary_learning: 0 0.999)"})
+    warmup_steps: int = field(default=100, metadata={"help": "linear lr warm-up from 0"})
+    # None: no decay (dictionary_learning's default)
+    decay_start: Optional[int] = field(default=None, metadata={
+        "help": "step where the linear lr decay to 0 starts (default: no decay)", "type": int})
+    sparsity_warmup_steps: int = field(default=200, metadata={
+        "help": "linear warm-up of the sparsity coefficient from 0"})
+    decoder: str = field(default="unit_norm", metadata={
+        "help": "unit_norm: unit decoder rows, unit sparsity weights (paper); norm_penalty: "
+                "|W_dec|-weighted sparsity (SAELens)", "choices": DECODER_MODES})
+    aux: str = field(default="frozen", metadata={
+        "help": "auxiliary reconstruction through a frozen decoder (paper), the live one "
+                "(SAELens), or none", "choices": AUX_MODES})
+    backend: str = field(default="auto", metadata={
+        "help": "executor: auto, reference, cpu, triton, cuda", "choices": BACKENDS})
+    compute_dtype: str = field(default="auto", metadata={  # "auto": bfloat16 on CUDA
+        "help": "dtype of the kernels (fp32 master weights): auto = bfloat16 on CUDA",
+        "choices": COMPUTE_DTYPES})
+    dead_after_tokens: int = field(default=10_000_000, metadata={
+        "help": "a feature that has not fired for this many tokens counts as dead"})
+    seed: int = field(default=0, metadata={"help": "seed of the initialisation and the data order"})
+    log_every: int = field(default=10, metadata={"help": "steps between log.jsonl lines"})
+    checkpoint_every: int = field(default=1000, metadata={
+        "help": "steps between checkpoints (0: at the end only)"})
+    # "data" | "feature": torch.distributed (gsae_fast.distributed)
+    parallel: str = field(default="none", metadata={
+        "help": "under torchrun: data (each rank a share of every batch, gradients "
+                "all-reduced) or feature (each rank a slice of the dictionary); none: one "
+                "process", "choices": distributed.PARALLEL_MODES})
+    # free-form (data description, for the record); not a flag
+    extra: dict = field(default_factory=dict, metadata={"flag": False})
 
     def check(self) -> None:
         if self.decoder not in DECODER_MODES:
@@ -104,7 +130,7 @@ def _compute_dtype(name: str, device: torch.device) -> torch.dtype:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     dtype = getattr(torch, name, None)
     if dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-        raise ValueError(f"compute_dtype must be auto/float32/bfloat16/float16/float64, got {name!r}")
+        raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {name!r}")
     return dtype
 
 

@@ -13,12 +13,16 @@
 
 Modules: ``text`` (:func:`read_texts`), ``stream`` (:class:`ModelActivations`), ``mixing``
 (:class:`MixingBuffer`), ``cache`` (:func:`write_cache`, :class:`ActivationCache`) and
-``synthetic`` (features with a known ground truth, the demo's dataset). Loading models and
-hooking their layers is in :mod:`gsae_fast.hooks`.
+``synthetic`` (features with a known ground truth, the demo's dataset), and ``sources``
+(what the ``gsae-fast`` commands train and evaluate on: :func:`cache_training_batches`,
+:func:`model_training_batches`, :func:`write_model_cache`). Loading models and hooking their
+layers is in :mod:`gsae_fast.hooks`.
 """
 from .cache import (CACHE_DTYPES, CACHE_FORMAT, CACHE_FORMAT_VERSION, META_FILE, ActivationCache,
                     CacheBatches, ProgressFn, write_cache)
 from .mixing import MixingBuffer
+from .sources import (FullBatches, cache_eval_batches, cache_training_batches,
+                      model_training_batches, text_activations, write_model_cache)
 from .stream import ModelActivations
 from .synthetic import SyntheticConfig, SyntheticFeatures, feature_recovery
 from .text import TEXT_SUFFIXES, PathLike, read_texts
@@ -26,4 +30,6 @@ from .text import TEXT_SUFFIXES, PathLike, read_texts
 __all__ = ["read_texts", "TEXT_SUFFIXES", "PathLike", "ModelActivations", "MixingBuffer",
            "write_cache", "ActivationCache", "CacheBatches", "ProgressFn", "META_FILE",
            "CACHE_FORMAT", "CACHE_FORMAT_VERSION", "CACHE_DTYPES", "SyntheticConfig",
-           "SyntheticFeatures", "feature_recovery"]
+           "SyntheticFeatures", "feature_recovery", "FullBatches", "text_activations",
+           "write_model_cache", "cache_training_batches", "model_training_batches",
+           "cache_eval_batches"]

@@ -1,0 +1,141 @@
+"""Training and evaluation data assembled from a model and texts or from an activation cache:
+what ``gsae-fast cache``, ``train`` and ``eval`` read, as functions of plain arguments.
+
+    model, tok = load_model("models/gpt2")                                  # gsae_fast.hooks
+    write_model_cache(model, tok, ["texts.txt"], "resid:6", "acts/", model_name="models/gpt2")
+    batches, d_in, described = cache_training_batches("acts/", 4096, seed=0)
+    batches, d_in, described = model_training_batches(model, tok, ["texts.txt"], "resid:6", 4096)
+
+Each training stream is endless and resumable (``state_dict`` / ``load_state_dict``), as
+:class:`gsae_fast.train.Trainer` needs; with ``world`` ranks it yields rank ``rank``'s share
+of every step's tokens. ``described`` is the data's record for ``TrainConfig.extra``.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+from typing import Optional, Sequence
+
+import torch
+
+from .cache import ActivationCache, ProgressFn, write_cache
+from .mixing import MixingBuffer
+from .stream import ModelActivations
+from .text import PathLike, read_texts
+
+
+class FullBatches:
+    """The batches of a stream that are full (a mixing buffer ends each pass with a short one,
+    which would count as a whole step); resumable as the stream is."""
+
+    def __init__(self, data, batch_size: int):
+        self.data, self.batch_size = data, batch_size
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        # Bounded: a stream whose every batch is short would otherwise spin forever.
+        for _ in range(1000):
+            x = next(self.data)
+            if x.shape[0] == self.batch_size:
+                return x
+        raise ValueError(f"the data yields no full batch of {self.batch_size}: lower "
+                         "the batch size or raise buffer_tokens (--batch-size, --buffer-tokens)")
+
+    def state_dict(self):
+        return self.data.state_dict()
+
+    def load_state_dict(self, state):
+        self.data.load_state_dict(state)
+
+
+def text_activations(model, tokenizer, data: Sequence[PathLike], layer: str, *,
+                     context_len: int = 128, batch_contexts: int = 8, dtype=torch.float32,
+                     rank: int = 0, world: int = 1) -> ModelActivations:
+    """``layer``'s activations of ``model`` over the texts of ``data`` (files or directories,
+    see :func:`read_texts`), re-readable pass after pass; with ``world`` > 1 over every
+    ``world``-th document from the ``rank``-th (each rank its own stream). The files are read
+    once now, so that a missing or empty one fails here rather than mid-run."""
+    paths = list(data)
+    read_texts(paths)
+    if world == 1:
+        def texts():
+            return read_texts(paths)
+    else:
+        def texts():
+            return itertools.islice(read_texts(paths), rank, None, world)
+    return ModelActivations(model, tokenizer, texts, layer, context_len=context_len,
+                            batch_contexts=batch_contexts, dtype=dtype)
+
+
+def write_model_cache(model, tokenizer, data: Sequence[PathLike], layer: str,
+                      out: PathLike, *, model_name: Optional[str] = None,
+                      context_len: int = 128, batch_contexts: int = 8, dtype: str = "float32",
+                      shard_tokens: int = 2 ** 20, max_tokens: Optional[int] = None,
+                      overwrite: bool = False, progress: ProgressFn = None) -> dict:
+    """Run ``model`` over the texts of ``data`` and write ``layer``'s activations to ``out``
+    as an activation cache (:func:`write_cache`, stored in ``dtype``); returns its meta. The
+    cache's metadata records ``model_name`` (e.g. the model's directory), the layer's module
+    name, ``context_len`` and the data paths."""
+    source = text_activations(model, tokenizer, data, layer, context_len=context_len,
+                              batch_contexts=batch_contexts)
+    meta = dict(model=str(model_name), layer=source.layer, context_len=context_len,
+                data=[str(p) for p in data])
+    return write_cache(source, out, d_in=source.d_in, dtype=dtype, shard_tokens=shard_tokens,
+                       metadata=meta, max_tokens=max_tokens, overwrite=overwrite,
+                       progress=progress)
+
+
+def cache_training_batches(cache: PathLike, batch_size: int, *, seed: int = 0, device=None,
+                           rank: int = 0, world: int = 1):
+    """``(batches, d_in, described)``: endless shuffled batches of ``batch_size`` activations
+    of the cache in ``cache`` (with ``world`` ranks, rank ``rank``'s slice of each), its
+    width, and ``{"cache": path, "n_tokens": n}``."""
+    c = ActivationCache(cache)
+    if c.n_tokens < batch_size:
+        raise ValueError(f"the cache holds {c.n_tokens} activations, fewer than one batch "
+                         f"of {batch_size} (--batch-size)")
+    data = c.batches(batch_size, seed=seed, epochs=None, drop_last=True, device=device)
+    described = {"cache": os.path.abspath(cache), "n_tokens": c.n_tokens}
+    if world == 1:
+        return data, c.d_in, described
+    from ..distributed import RankShard
+    # Every rank reads the global batch and keeps its slice: the position is global, so
+    # the run resumes on any number of ranks and equals a one-process run.
+    return RankShard(data, rank, world), c.d_in, described
+
+
+def model_training_batches(model, tokenizer, data: Sequence[PathLike], layer: str,
+                           batch_size: int, *, seed: int = 0, buffer_tokens: int = 2 ** 16,
+                           context_len: int = 128, batch_contexts: int = 8,
+                           model_name: Optional[str] = None, rank: int = 0, world: int = 1):
+    """``(batches, d_in, described)``: endless full batches of ``layer``'s activations over
+    the texts of ``data`` through a mixing buffer of ``buffer_tokens`` (seeded ``seed + rank``),
+    the layer's width, and ``{"model", "layer", "data"}`` (absolute paths; ``model_name`` is
+    the model's directory, as given). With ``world`` ranks, each runs the model over its own
+    documents (every ``world``-th) into ``batch_size / world`` rows of every step."""
+    source = text_activations(model, tokenizer, data, layer, context_len=context_len,
+                              batch_contexts=batch_contexts)
+    d_in = source.d_in
+    if world > 1:  # each rank runs the model over every world-th document, its own stream
+        if batch_size % world:
+            raise ValueError(f"the batch size {batch_size} (--batch-size) must be a multiple "
+                             f"of the {world} ranks when training from a model")
+        source = text_activations(model, tokenizer, data, layer, context_len=context_len,
+                                  batch_contexts=batch_contexts, rank=rank, world=world)
+    batch = batch_size // world
+    stream = MixingBuffer(source, buffer_tokens=buffer_tokens, batch_size=batch,
+                          seed=seed + rank, repeat=True)
+    described = {"model": None if model_name is None else os.path.abspath(model_name),
+                 "layer": layer, "data": [os.path.abspath(p) for p in data]}
+    return FullBatches(stream, batch), d_in, described
+
+
+def cache_eval_batches(cache: PathLike, d_in: int, *, seed: int = 0, device=None,
+                       batch_size: int = 4096):
+    """One pass over the cache in ``cache`` in batches for evaluation, checked to be ``d_in``
+    wide; shuffled with ``seed + 1``, another order than a training run's with ``seed``."""
+    c = ActivationCache(cache)
+    c.check_width(d_in)
+    return c.batches(batch_size, seed=seed + 1, epochs=1, device=device)
