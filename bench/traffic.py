@@ -12,8 +12,8 @@ defined (every used W_dec row read once forward, once backward; rows of x and gr
 * s = 19 MB at the headline shape, gathered from L2 after one HBM read); "triton" / "cuda" count
 the loads and stores of each executor's loops with no reuse across programs (so every gathered
 row is HBM traffic), the torch glue around them counted per tensor pass. Floor = max(bytes / BW,
-flops / F) at the achievable rates (gsae_fast.dense_switch.Roofline). The step's aux term is "frozen"
-(the default), sparsity "unit", x needs no gradient; the grouped (deterministic) scatters.
+flops / F) at the achievable rates (gsae_fast.dense_switch.Roofline). The step's aux term is
+"frozen" (the default), sparsity "unit", x needs no gradient; the grouped (deterministic) scatters.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/, also when imported
-from _harness import ROOT, RESULTS, git_commit, md_table, stamp  # noqa: E402
+from _harness import RESULTS, ROOT, git_commit, md_table, stamp  # noqa: E402
 
 sys.path.insert(0, ROOT)  # this tree's gsae_fast
 
@@ -128,12 +128,14 @@ def step_ops(B: int, d_in: int, d_sae: int, l0: float, s: int = 2, K: int = None
            row_passes=(0, 0), note="two dots per row read by the value grad above (one kernel)"),
         Op("encode bwd: grad W_enc, bias grads, grad b_dec", 2.0 * P * d_in + 2.0 * W / s,
            min_bytes=X + P * (I4 + 4 * A) + W + W + 4 * V + 3 * V,
+           # both: grad W_enc written once in W_enc's layout and dtype; grad b_dec: Triton's
+           # GEMV reads W_enc as it is, the CUDA executor's runs in ops.py over fp32 copies of
+           # 16 MiB blocks of W_enc (written and read back: from L2 on an H100 / H200, counted
+           # here as HBM); cuda: xc = x - b_dec in fp32, fp32 rows per pair
            triton_bytes=BK * (PROLOGUE_BYTES_PER_SLOT + SORT_BYTES_PER_SLOT) + rows
            + nc * P * (I8 + I4 + A) + P * 4 * A + d_sae * 4 * A + W + W + 4 * (V + d_sae * A),
-           # xc = x - b_dec in fp32, fp32 rows per pair, [d_sae, d_in] result transposed by a
-           # copy, the grad b_dec GEMV over fp32 copies of W_enc blocks
            cuda_bytes=BK * (PROLOGUE_BYTES_PER_SLOT + SORT_BYTES_PER_SLOT) + X + B * d_in * A
-           + P * d_in * A + P * (I8 + 4 * A) + W + 2 * W + W + 2 * d_in * d_sae * A
+           + P * d_in * A + P * (I8 + 4 * A) + W + W + 2 * d_in * d_sae * A
            + 4 * (V + d_sae * A),
            triton_flops=one_hot + 2.0 * W / s, row_passes=(0, 1),
            note="an x row per pair (min: from L2)"),
@@ -278,8 +280,10 @@ def table(shape=HEADLINE, l0s=(32, 128), dtype=torch.bfloat16) -> str:
         out += md_table(cols, rows + [cells + ["sum of the ops in the step"]])
         dense = {d: dense_step_s(shape, dtype, roofs[d]) * 1e6 for d in DEVICES}
         out += ["", "Dense reference step (model: "
-                f"{dense_switch.DENSE_GEMMS} GEMMs + {dense_switch.DENSE_ELEMENTWISE_BYTES:.0f} bytes per "
-                "[B, d_sae] element + Adam): " + ", ".join(f"{d} {dense[d]:.0f} us" for d in DEVICES)
+                f"{dense_switch.DENSE_GEMMS} GEMMs + "
+                f"{dense_switch.DENSE_ELEMENTWISE_BYTES:.0f} bytes per "
+                "[B, d_sae] element + Adam): "
+                + ", ".join(f"{d} {dense[d]:.0f} us" for d in DEVICES)
                 + "; sparse floor / dense: " + ", ".join(
                     f"{d} {tot[d + 'f'] / dense[d]:.3f}" for d in DEVICES)]
     return "\n".join(out)
@@ -312,13 +316,16 @@ def markdown(commit: str) -> str:
         "rates; 'triton us' is the same for the Triton executor's counted bytes (and its "
         "one-hot scatter flops). Symbols and what each column counts: the module docstring.",
         "", f"d_in-rows gathered per active pair per step: {rimpl} today (W_dec in the x_hat "
-        "decode and the value gradient, each shared with the aux term by the pair kernels; grad_out in grad W_dec; x in grad "
+        "decode and the value gradient, each shared with the aux term by the pair kernels; "
+        "grad_out in grad W_dec; x in grad "
         f"W_enc), {rmin} at the floor (each used W_dec row once forward, once backward).",
         table(), "", "## The dense switch (gsae_fast.dense_switch.dense_switch_model, bf16, d_in = "
         f"{dense_switch.MODEL_D_IN})", "",
         f"Dense step: {dense_switch.DENSE_GEMMS} GEMMs of 2 B d_in d_sae flops + "
-        f"{dense_switch.DENSE_ELEMENTWISE_BYTES:.0f} bytes per [B, d_sae] element; sparse step: 1 GEMM + "
-        f"{dense_switch.SPARSE_ROW_PASSES} row gathers of d_in * s bytes per active pair. Crossing: "
+        f"{dense_switch.DENSE_ELEMENTWISE_BYTES:.0f} bytes per [B, d_sae] element; "
+        "sparse step: 1 GEMM + "
+        f"{dense_switch.SPARSE_ROW_PASSES} row gathers of d_in * s bytes per active pair. "
+        "Crossing: "
         "L0* / d_sae = ((G - 1) * 2 * BW / F + E / d_in) / (R * s); capacity switch = L0* / "
         f"d_sae * {dense_switch.CAPACITY_OVER_L0:.3f}.", "", switch_table(), ""])
 

@@ -25,8 +25,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import backends
-from . import reference
+from . import backends, reference
 from .types import GatedLoss, SparseActs, acc_dtype, slot_mask
 
 # Capacity (slots per row) tried when the caller has no better guess.
@@ -34,8 +33,12 @@ DEFAULT_CAPACITY = 256
 
 # The dense switch (which capacity sends the loss to the dense math, per device): its own
 # module; these names stay importable from here.
-from .dense_switch import (DENSE_SWITCH_FRACTION, dense_is_faster,  # noqa: E402,F401
-                           dense_switch_fraction, set_dense_switch)
+from .dense_switch import (  # noqa: E402,F401
+    DENSE_SWITCH_FRACTION,
+    dense_is_faster,
+    dense_switch_fraction,
+    set_dense_switch,
+)
 
 
 def next_capacity(max_count: int, d_sae: int) -> int:
@@ -47,6 +50,10 @@ def next_capacity(max_count: int, d_sae: int) -> int:
 # --------------------------------------------------------------------------------------------
 # Layer 1: the custom ops.
 # --------------------------------------------------------------------------------------------
+
+def _optional_kernel(ex, name: str):
+    """An executor's kernel that not every executor has (None where it has not)."""
+    return getattr(ex, name, None)
 
 @torch.library.custom_op("gsae_fast::gated_encode", mutates_args=())
 def _encode_op(x: Tensor, W_enc: Tensor, b_dec: Tensor, b_gate: Tensor, r_mag: Tensor,
@@ -88,11 +95,15 @@ def _(x, b_dec, idx, counts, per_slot, d_sae, backend):
             per_slot.new_empty((per_slot.shape[0], d_sae)))
 
 
-def _mv_acc(A: Tensor, v: Tensor) -> Tensor:
-    """``A @ v`` in v's (accumulation) dtype without an upcast copy of the whole of A: bf16 / fp16
-    A is converted a block of columns at a time (at most 16 MiB of fp32 at once)."""
+def _mv_acc(A: Tensor, v: Tensor, backend: str) -> Tensor:
+    """``A @ v`` in v's (accumulation) dtype without an upcast copy of the whole of A: the
+    executor's mixed-precision GEMV where it has one (Triton's reads bf16 / fp16 A as it is),
+    else bf16 / fp16 A converted a block of columns at a time (at most 16 MiB of fp32 at once)."""
     if A.dtype == v.dtype:
         return A @ v
+    vec_mat = _optional_kernel(backends.executor(backend), "vec_mat")
+    if vec_mat is not None:  # v @ A^T
+        return vec_mat(v.contiguous(), A.t())
     cols = max(1, (1 << 22) // max(1, A.shape[0]))
     out = torch.zeros(A.shape[0], dtype=v.dtype, device=v.device)
     for c in range(0, A.shape[1], cols):
@@ -129,7 +140,7 @@ def gated_encode_backward(x: Tensor, W_enc: Tensor, b_dec: Tensor, b_gate: Tenso
     grad_x = x.new_empty((0,))
     if need_x:  # a sparse decode of dz through W_enc^T (a transposed copy, in x's dtype)
         grad_x = _decode_op(idx, dz, counts, W_enc.t().contiguous(), None, backend)
-    return (grad_x, grad_W, (-_mv_acc(W_enc, sums[0])).to(dt), sums[1].to(dt),
+    return (grad_x, grad_W, (-_mv_acc(W_enc, sums[0], backend)).to(dt), sums[1].to(dt),
             (exp_r * sums[3]).to(dt), sums[2].to(dt))
 
 
@@ -211,16 +222,12 @@ _decode_op.register_autograd(_decode_backward, setup_context=_decode_setup)
 # whether out_b's gradient reaches W and bias (aux="shared"), or only val_b (aux="frozen").
 # An executor without the pair kernels runs two single decodes (same contract).
 
-def _pair_kernel(ex, name: str):
-    return getattr(ex, name, None)
-
-
 @torch.library.custom_op("gsae_fast::sparse_decode_pair", mutates_args=())
 def _decode_pair_op(idx: Tensor, val_a: Tensor, val_b: Tensor, counts: Tensor, W_dec: Tensor,
                     bias: Optional[Tensor], grad_W_b: bool, backend: str
                     ) -> tuple[Tensor, Tensor]:
     ex = backends.executor(backend)
-    fn = _pair_kernel(ex, "sparse_decode_pair")
+    fn = _optional_kernel(ex, "sparse_decode_pair")
     if fn is None:
         return (ex.sparse_decode(idx, val_a, counts, W_dec, bias),
                 ex.sparse_decode(idx, val_b, counts, W_dec, bias))
@@ -242,7 +249,7 @@ def _decode_pair_backward_op(grad_a: Tensor, grad_b: Tensor, idx: Tensor, val_a:
     """Returns (grad_val_a or empty, grad_val_b or empty, grad_W_dec or empty); grad_W_dec sums
     the out_a path and, when ``W_from_b``, the out_b path."""
     ex = backends.executor(backend)
-    fn = _pair_kernel(ex, "sparse_decode_pair_backward")
+    fn = _optional_kernel(ex, "sparse_decode_pair_backward")
     if fn is not None:
         return tuple(fn(grad_a, grad_b, idx, val_a, val_b, counts, W_dec, need_val_a, need_val_b,
                         need_W_dec, W_from_b, deterministic))
@@ -394,8 +401,9 @@ def sparse_decode(acts: SparseActs, W_dec: Tensor, bias: Optional[Tensor] = None
         raise ValueError(f"{op}: values must be 'f' or 'pi_gate', got {values!r}")
     be, lead, K, rows = _check_decoder(op, acts, W_dec, bias, backend)
     val = getattr(acts, values).to(acc_dtype(W_dec.dtype)).reshape(rows, K).contiguous()
-    out = _decode_op(acts.idx.reshape(rows, K).contiguous(), val, acts.counts.reshape(rows).contiguous(),
-                     W_dec.contiguous(), None if bias is None else bias.contiguous(), be)
+    out = _decode_op(acts.idx.reshape(rows, K).contiguous(), val,
+                     acts.counts.reshape(rows).contiguous(), W_dec.contiguous(),
+                     None if bias is None else bias.contiguous(), be)
     return out.view(*lead, W_dec.shape[1])
 
 
