@@ -4,7 +4,7 @@ PIP ?= $(PYTHON) -m pip
 # nvcc lives here on the build machines; torch would guess /usr/local.
 export CUDA_HOME ?= $(firstword $(wildcard /usr/local/cuda))
 
-.PHONY: install install-test demo test bench study gpu
+.PHONY: install install-test demo lint test bench study gpu
 
 # torch: keep the one the machine has (the GPU machine has its own, with no registry access);
 # otherwise take 2.14.1 (on this project's machines it installs from local disk).
@@ -14,7 +14,7 @@ install:
 	$(PIP) install -q --no-build-isolation -e .
 
 install-test: install
-	$(PIP) install -q pytest hypothesis pytest-benchmark
+	$(PIP) install -q pytest hypothesis pytest-benchmark "ruff>=0.17,<0.18"
 	# Peers for the parity tests (tests/test_peers.py); dictionary-learning without its deps.
 	$(PIP) install -q -r requirements-peers.txt
 	$(PIP) install -q --no-deps -r requirements-peers-nodeps.txt
@@ -31,14 +31,18 @@ study: install
 	$(PIP) install -q matplotlib transformers
 	$(PYTHON) -m gsae_fast.cli study
 
-test: install-test
+# Lint and import order (pyproject.toml [tool.ruff]), before the tests.
+lint:
+	$(PYTHON) -m ruff check .
+
+test: install-test lint
 	$(PYTHON) -m pytest -q tests
 	# The CUDA kernels again on the CPU emulator, under a second schedule (blocks and threads
 	# shuffled: a missing barrier shows as a failure in one of the two runs) and with buffers
 	# against the guard page before them (underruns fault; 64-byte aligned).
 	GSAE_FAST_EMU_SCHEDULE=shuffle:1 GSAE_FAST_EMU_MEMORY=start $(PYTHON) -m pytest -q \
 		-k cuda_emulated tests/test_ops.py \
-		tests/test_module.py tests/test_jumprelu.py tests/test_topk.py tests/test_cuda_emulated.py
+		tests/saes tests/test_cuda_emulated.py
 
 bench: install
 	$(PYTHON) bench/bench_step.py

@@ -49,15 +49,15 @@ if "--smoke" in sys.argv and not __import__("torch").cuda.is_available():
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/, also when imported
-from _harness import (ROOT, RESULTS, git_commit, md_table, stamp, timeit,  # noqa: E402
-                      triton_version, write_pair)
+from _harness import RESULTS, ROOT, git_commit, md_table, stamp, timeit, triton_version, write_pair  # noqa: E402
 
 sys.path.insert(0, ROOT)  # this tree's gsae_fast
 
+import traffic  # noqa: E402
+from bench_step import make_step, peers  # noqa: E402
+
 import gsae_fast  # noqa: E402
 from gsae_fast import SparseActs, backends, dense_switch, ops, reference  # noqa: E402
-from bench_step import make_step, peers  # noqa: E402
-import traffic  # noqa: E402
 
 FULL = (4096, 2304, 65536)
 SMOKE = (64, 32, 256)
@@ -183,7 +183,7 @@ def bench_step(x, sae, exes, repeats, gemm_ms, with_peers, l1=1e-3):
         return {"step_ms": timeit(step, repeats), "step_mem_mb": peak_mb(step)}
 
     ref = clone("reference")
-    r = measure(ref, lambda: ref.loss(x, l1).loss)
+    r = measure(ref, lambda ref=ref: ref.loss(x, l1).loss)
     shared = {"step_reference_ms": r["step_ms"], "step_reference_mem_mb": r["step_mem_mb"]}
     del ref
     if with_peers:
@@ -239,7 +239,7 @@ def sweep(shape, dtype, be, l0s, repeats, device, l1=1e-3):
         x, sae = make_case(shape, dtype, l0, device)
         m = gsae_fast.GatedSAE(sae.d_in, sae.d_sae, backend=be, device=x.device, dtype=x.dtype)
         m.load_state_dict(sae.state_dict())
-        step = make_step(m, lambda: m.loss(x, l1).loss,
+        step = make_step(m, lambda m=m, x=x: m.loss(x, l1).loss,
                          torch.optim.Adam(m.parameters(), lr=1e-9, fused=True))
         row = {"executor": be, "target_l0": l0}
         for path, fraction in (("sparse", 1.0), ("dense", 0.0)):
@@ -265,8 +265,8 @@ def sweep(shape, dtype, be, l0s, repeats, device, l1=1e-3):
               else l0_star * dense_switch.CAPACITY_OVER_L0 / d_sae,
               "default_fraction": dense_switch.default_dense_switch(device, dtype)}
     if device == "cuda":
-        model = dense_switch.dense_switch_model(dense_switch.device_roofline(torch.cuda.get_device_name()), dtype,
-                                       d_in=shape[1])
+        roofline = dense_switch.device_roofline(torch.cuda.get_device_name())
+        model = dense_switch.dense_switch_model(roofline, dtype, d_in=shape[1])
         result.update(model_l0=model["l0_fraction"] * d_sae, model_fraction=model["fraction"])
     return rows, result
 
@@ -281,7 +281,8 @@ def sweep_markdown(rows, results, meta, dtype_name):
            f"{meta['triton']}; {dtype_name}; B, d_in, d_sae = "
            + ", ".join(map(str, meta["shape"])) + f"; median of {meta['repeats']}. The "
            "training step (zero_grad + loss + backward + fused Adam) forced sparse and forced "
-           "dense (dense_switch.set_dense_switch); crossing = where dense becomes faster (log-linear "
+           "dense (dense_switch.set_dense_switch); crossing = where dense becomes faster "
+           "(log-linear "
            "interpolation), as mean L0 and as the capacity switch (L0 * "
            f"{dense_switch.CAPACITY_OVER_L0:.3f} / d_sae).", ""]
     out += md_table(SWEEP_COLS, [[cell(r.get(c)) for c in SWEEP_COLS] for r in rows])

@@ -32,9 +32,18 @@ import subprocess
 import sys
 
 import torch
-
-from _harness import (RESULTS, ROOT, cpu_name, git_commit, md_table, reset_peak,  # bench/
-                      rss_kb, stamp, timeit, write_pair)
+from _harness import (  # bench/
+    RESULTS,
+    ROOT,
+    cpu_name,
+    git_commit,
+    md_table,
+    reset_peak,
+    rss_kb,
+    stamp,
+    timeit,
+    write_pair,
+)
 
 sys.path.insert(0, ROOT)  # this tree's gsae_fast
 

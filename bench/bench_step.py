@@ -27,9 +27,18 @@ import subprocess
 import sys
 
 import torch
-
-from _harness import (ROOT, RESULTS, cpu_name, git_commit, md_table, reset_peak,  # bench/
-                      rss_kb, stamp, timeit, write_pair)
+from _harness import (  # bench/
+    RESULTS,
+    ROOT,
+    cpu_name,
+    git_commit,
+    md_table,
+    reset_peak,
+    rss_kb,
+    stamp,
+    timeit,
+    write_pair,
+)
 
 sys.path.insert(0, ROOT)  # this tree's gsae_fast
 
@@ -183,7 +192,8 @@ def markdown(rows, mem, meta):
            f"{meta['threads']} threads, fp32, Adam(fused=True). Median of {meta['repeats']} "
            "(after 2 warm-ups). Step = zero_grad + loss + backward + Adam.", ""]
     out += md_table(cols, [[
-        f"{r[c]:.2f}" if isinstance(r.get(c), float) and c.endswith(("over_floor", "over_gemm", "reference"))
+        f"{r[c]:.2f}" if isinstance(r.get(c), float)
+        and c.endswith(("over_floor", "over_gemm", "reference"))
         else (f"{r[c]:.1f}" if isinstance(r.get(c), float) else str(r.get(c, "")))
         for c in cols] for r in rows])
     if mem:
@@ -213,7 +223,8 @@ def main():
         print(memory_probe(what, *map(int, nums)))
         return
     if "cpu" not in gsae_fast.available_backends("cpu"):
-        sys.exit("bench_step: the C++ extension is not built (pip install --no-build-isolation -e .)")
+        sys.exit("bench_step: the C++ extension is not built "
+                 "(pip install --no-build-isolation -e .)")
     repeats = args.repeats or (2 if args.quick else 3)
     cases = [(BASE, l0) for l0 in ((16, 64) if args.quick else L0S)]
     if not args.quick and not args.no_large:

@@ -197,6 +197,7 @@ def helper(name, arg=None):
     sys.path.insert(0, ROOT)  # this tree's gsae_fast, also where the install failed
     if name == "--env-json":
         import platform
+
         import torch
         cuda = torch.cuda.is_available()
         env = {"python": platform.python_version(), "torch": torch.__version__,

@@ -8,9 +8,9 @@ the floor and the peers is bench/bench_step.py. L0 is stated in every test id.
 """
 import pytest
 import torch
+from bench_step import BASE, set_l0
 
 import gsae_fast
-from bench_step import BASE, set_l0
 from gsae_fast import ops
 
 B, D_IN, D_SAE = BASE

@@ -8,15 +8,17 @@
 
 See README.md, and docs/design.md for the math, the conventions and the layout.
 """
-from . import backends, interop, ops, reference, saes, topk
-from . import jumprelu, modules  # noqa: F401  (the old homes, re-exports: gsae_fast.saes)
+from . import backends, interop, jumprelu, modules, ops, reference, saes, topk  # noqa: F401  (the old homes, re-exports: gsae_fast.saes)
 from .backends import available_backends
-from .interop import UnsupportedSAEError
-from .interop import load
-from .saes import BatchTopKSAE, GatedSAE, JumpReLUSAE, TopKSAE
+from .interop import UnsupportedSAEError, load
 from .ops import gated_encode, gated_sae_loss, sparse_decode
-from .patch import (patch_dictionary_learning, patch_sae_lens, unpatch_dictionary_learning,
-                    unpatch_sae_lens)
+from .patch import (
+                    patch_dictionary_learning,
+                    patch_sae_lens,
+                    unpatch_dictionary_learning,
+                    unpatch_sae_lens,
+)
+from .saes import BatchTopKSAE, GatedSAE, JumpReLUSAE, TopKSAE
 from .types import GatedLoss, SparseActs
 
 __version__ = "0.1.0"

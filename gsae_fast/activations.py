@@ -4,13 +4,29 @@ that ``from gsae_fast.activations import ...`` keeps working. The code is in
 LM loss) and :mod:`gsae_fast.data` (text reading, :class:`ModelActivations`,
 :class:`MixingBuffer`, the on-disk cache).
 """
-from .data.cache import (CACHE_DTYPES, CACHE_FORMAT, CACHE_FORMAT_VERSION, META_FILE,
-                         ActivationCache, CacheBatches, ProgressFn, write_cache)
+from .data.cache import (
+                         CACHE_DTYPES,
+                         CACHE_FORMAT,
+                         CACHE_FORMAT_VERSION,
+                         META_FILE,
+                         ActivationCache,
+                         CacheBatches,
+                         ProgressFn,
+                         write_cache,
+)
 from .data.mixing import MixingBuffer
 from .data.stream import ModelActivations
 from .data.text import TEXT_SUFFIXES, PathLike, read_texts
-from .hooks import (ALIASES, BLOCK_LAYOUTS, ByteTokenizer, ce_loss, layer_output, load_model,
-                    replace_output, resolve_hook)
+from .hooks import (
+                         ALIASES,
+                         BLOCK_LAYOUTS,
+                         ByteTokenizer,
+                         ce_loss,
+                         layer_output,
+                         load_model,
+                         replace_output,
+                         resolve_hook,
+)
 
 # The old name of hooks.replace_output; gsae_fast.interp.splice is the unrelated SAE splice.
 splice = replace_output

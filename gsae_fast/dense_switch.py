@@ -96,7 +96,8 @@ DENSE_ELEMENTWISE_BYTES = 81.0
 # bench/traffic.py counts them from the kernels' loops.
 SPARSE_ROW_PASSES = 4
 # The capacity the loss is handed (ops.next_capacity of the last batch's largest row) over the
-# mean L0: 1.25 headroom x largest row / mean (0.147 / 0.125 = 1.18 in bench/results/step_cpu.md at 2222b28).
+# mean L0: 1.25 headroom x largest row / mean (0.147 / 0.125 = 1.18 in bench/results/step_cpu.md
+# at 2222b28).
 CAPACITY_OVER_L0 = 1.25 * 0.147 / 0.125
 # d_in the per-device default is computed for (the headline shape, d_in = 2304).
 MODEL_D_IN = 2304

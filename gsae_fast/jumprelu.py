@@ -3,5 +3,11 @@
 gsae_fast.reference (``jumprelu_sae_loss``, ``JumpReLUFn``, ``StepFn``, ``JumpReLULoss``).
 These names stay importable from here.
 """
-from .saes.jumprelu import (SPARSITY_MODES, JumpReLULoss, JumpReLUSAE, as_gated,  # noqa: F401
-                            check_options, jumprelu_sae_loss)
+from .saes.jumprelu import (  # noqa: F401
+                            SPARSITY_MODES,
+                            JumpReLULoss,
+                            JumpReLUSAE,
+                            as_gated,
+                            check_options,
+                            jumprelu_sae_loss,
+)

@@ -183,6 +183,7 @@ def estimator_study(*, seed: int = 0, train_steps: int = 600, n_pairs: int = 16,
     """Rows ``{estimator, steps, group, n, correlation, relative_error, ms_per_1000}`` (groups:
     "flip", "no flip", "all") and the setup's description."""
     import time
+
     from . import interp
 
     say = progress or (lambda what, i, n: None)

@@ -29,7 +29,7 @@ def gated_encode(x, W_enc, b_dec, b_gate, r_mag, b_mag, capacity: int):
     # actives keeps `capacity` of them (which ones is unspecified; this one keeps the lowest
     # indices), and status[0] > capacity tells the caller to re-run.
     acc = acc_dtype(x.dtype)
-    B, d_sae = x.shape[0], W_enc.shape[1]
+    B = x.shape[0]
     z = (x.to(acc) - b_dec.to(acc)) @ W_enc.to(acc)
     pi = z + b_gate.to(acc)
     active = pi > 0

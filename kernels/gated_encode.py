@@ -30,7 +30,6 @@ import triton.language as tl
 
 from ._common import INTERPRET, acc_tl, dot_precision, on_device, slot_mask, vec_mat
 
-
 # The smallest opt-in shared memory per block among the supported GPUs (sm_80 and later): 99 KB
 # on sm_86 / sm_89 (A100: 163 KB, H100/H200: 227 KB).
 MIN_SHARED_OPTIN = 101_376

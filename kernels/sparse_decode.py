@@ -12,8 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (INTERPRET, acc_tl, group_by_feature, grouped_scatter, next_pow2,
-                      on_device)
+from ._common import INTERPRET, acc_tl, group_by_feature, grouped_scatter, next_pow2, on_device
 
 
 def _configs():

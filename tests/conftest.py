@@ -42,7 +42,8 @@ def emulated_schedule(order: str, seed: int = 0) -> None:
 
 
 def default_emulated_schedule() -> tuple[str, int]:
-    """The schedule this test run started with (GSAE_FAST_EMU_SCHEDULE, as the emulator reads it)."""
+    """The schedule this test run started with (GSAE_FAST_EMU_SCHEDULE, as the emulator reads
+    it)."""
     value = os.environ.get("GSAE_FAST_EMU_SCHEDULE", "forward")
     if value.startswith("shuffle"):
         return "shuffle", int(value.partition(":")[2] or 0)
@@ -62,7 +63,8 @@ def make_params(d_in, d_sae, dtype=torch.float64, l0_frac=0.15, seed=0, device="
     # z ~ N(0, ~1): a shift of b_gate by the normal quantile gives the wanted active fraction.
     if l0_frac is not None:
         q = min(max(1 - l0_frac, 1e-4), 1 - 1e-4)  # 0 and 1 would shift b_gate to -inf / inf
-        p["b_gate"] -= torch.distributions.Normal(0, 1).icdf(torch.tensor(q, dtype=torch.float64)).item()
+        normal = torch.distributions.Normal(0, 1)
+        p["b_gate"] -= normal.icdf(torch.tensor(q, dtype=torch.float64)).item()
     W_dec = torch.randn(d_sae, d_in, generator=g, dtype=torch.float64) / d_sae ** 0.5
     return {k: v.to(dtype=dtype, device=device) for k, v in p.items()}, W_dec.to(dtype=dtype,
                                                                                 device=device)

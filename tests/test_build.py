@@ -146,7 +146,7 @@ def test_bad_gsae_fast_cuda_value(setup_py):
         setup_py.cuda_plan({"GSAE_FAST_CUDA": "yes"}, None, "13.0")
 
 
-# --- the fallbacks of build_ext, on a fake BuildExtension (no compiler) ----------------------------
+# --- the fallbacks of build_ext, on a fake BuildExtension (no compiler) ------------------------
 
 
 class FakeBuildExtension:
@@ -253,7 +253,7 @@ def test_cuda_build_warning(tmp_path, monkeypatch, info, warns):
         assert warning is None
 
 
-# --- installs of copies of the repository ----------------------------------------------------------
+# --- installs of copies of the repository ------------------------------------------------------
 
 
 def copy_source(dest: Path) -> Path:

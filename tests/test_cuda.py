@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import make_params, make_x, rel_err
-from gsae_fast import backends, ops, torch_executor
+from gsae_fast import backends, ops
 
 OPS = ("gated_encode", "encode_grad_scatter", "sparse_decode", "sparse_decode_backward",
        "sparse_decode_pair", "sparse_decode_pair_backward")

@@ -2,7 +2,7 @@
 "cuda_emulated", csrc/emu): the emulator's own model (warp collectives, barriers, shared memory,
 the faults it must report), the memory checks (poisoned fresh buffers, guard pages), and the
 deterministic paths bitwise equal under several schedules. The op tests of test_ops.py,
-test_module.py and test_properties.py run this executor too (it is in CPU_BACKENDS), and
+saes/test_gated.py and test_properties.py run this executor too (it is in CPU_BACKENDS), and
 `make test` runs them again under another schedule."""
 import os
 import subprocess
@@ -11,8 +11,14 @@ import sys
 import pytest
 import torch
 
-from conftest import (CPU_BACKENDS, default_emulated_schedule, emulated_schedule, make_params,
-                      make_x, rel_err)
+from conftest import (
+    CPU_BACKENDS,
+    default_emulated_schedule,
+    emulated_schedule,
+    make_params,
+    make_x,
+    rel_err,
+)
 from gsae_fast import backends, ops, reference
 
 pytestmark = pytest.mark.skipif("cuda_emulated" not in CPU_BACKENDS,

@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conftest import make_params, make_x, rel_err
-from gsae_fast import GatedSAE, cli, distributed, ops, reference
+from gsae_fast import GatedSAE, cli, distributed, reference
 from gsae_fast.distributed import FEATURE_DIM, RankShard, feature_range
 from gsae_fast.synthetic import SyntheticConfig, SyntheticFeatures
 from gsae_fast.train import TrainConfig, Trainer

@@ -5,11 +5,23 @@ import json
 
 import pytest
 import torch
+from test_peers import (  # noqa: F401
+    L1,
+    PARAM_NAMES,
+    TOL64,
+    assert_rel,
+    dictlearn,
+    dl_grads_in_our_layout,
+    dl_trainer,
+    load_dl_params,
+    make_params,
+    make_x,
+    saelens,
+    saelens_sae,
+)
 
 from gsae_fast import GatedSAE, interop
 from gsae_fast.interop import UnsupportedSAEError
-from test_peers import (L1, PARAM_NAMES, TOL64, assert_rel, dictlearn,  # noqa: F401
-                        dl_grads_in_our_layout, dl_trainer, load_dl_params, make_params, make_x, saelens, saelens_sae)
 
 D_IN, D_SAE, BATCH = 17, 45, 33
 

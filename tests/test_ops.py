@@ -2,8 +2,15 @@
 import pytest
 import torch
 
-from conftest import (CPU_BACKENDS, DTYPES, loss_and_grads_twice, make_params, make_x,
-                      params64, rel_err)
+from conftest import (
+    CPU_BACKENDS,
+    DTYPES,
+    loss_and_grads_twice,
+    make_params,
+    make_x,
+    params64,
+    rel_err,
+)
 from gsae_fast import SparseActs, ops, reference
 
 # (B, d_in, d_sae): empty and single-row batches, odd sizes, and sizes that cross the CPU
@@ -27,7 +34,8 @@ def check_sparse_invariants(acts: SparseActs):
         both = mask[..., 1:] & mask[..., :-1]
         assert ((idx[..., 1:] > idx[..., :-1]) | ~both).all()
     # padding is zero
-    assert (idx[~mask] == 0).all() and (acts.f[~mask] == 0).all() and (acts.pi_gate[~mask] == 0).all()
+    assert (idx[~mask] == 0).all() and (acts.f[~mask] == 0).all()
+    assert (acts.pi_gate[~mask] == 0).all()
     assert (acts.pi_gate[mask] > 0).all() and (acts.f[mask] >= 0).all()
 
 
@@ -201,7 +209,8 @@ def test_loss_matches_reference(backend, dtype, sparsity, aux):
         out.loss.backward()
         return out, {k: t[k].grad for k in names}
 
-    out, grads = run(lambda *a, **k: ops.gated_sae_loss(*a, **k, backend=backend), lambda v: v.clone())
+    out, grads = run(lambda *a, **k: ops.gated_sae_loss(*a, **k, backend=backend),
+                     lambda v: v.clone())
     ref, ref_grads = run(reference.gated_sae_loss, lambda v: v.double())
     # Low-precision inputs: the kernels accumulate in fp32 but x_hat is rounded to the dtype.
     tol = {torch.float64: 1e-11, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
@@ -405,4 +414,5 @@ def test_cpu_kernel_checks_corrupt_sparse_input():
     with pytest.raises(RuntimeError, match="outside"):
         torch.ops.gsae_fast_C.sparse_decode(idx, val, torch.tensor([3], dtype=torch.int32), W, None)
     with pytest.raises(RuntimeError, match="dtype"):
-        torch.ops.gsae_fast_C.sparse_decode(idx, val.double(), torch.tensor([1], dtype=torch.int32), W, None)
+        torch.ops.gsae_fast_C.sparse_decode(idx, val.double(), torch.tensor([1], dtype=torch.int32),
+                                            W, None)

@@ -3,11 +3,22 @@
 kernels do not implement, and unpatch restores the classes."""
 import pytest
 import torch
+from test_peers import (  # noqa: F401
+    L1,
+    PARAM_NAMES,
+    TOL64,
+    assert_rel,
+    dictlearn,
+    dl_grads_in_our_layout,
+    dl_trainer,
+    load_dl_params,
+    make_params,
+    make_x,
+    saelens,
+    saelens_sae,
+)
 
 import gsae_fast
-from test_peers import (L1, PARAM_NAMES, TOL64, assert_rel, dictlearn,  # noqa: F401
-                        dl_grads_in_our_layout, dl_trainer, load_dl_params, make_params, make_x,
-                        saelens, saelens_sae)
 
 D_IN, D_SAE, BATCH = 19, 53, 40
 

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import given, settings, strategies as st  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 from conftest import CPU_BACKENDS, make_params, make_x, rel_err  # noqa: E402
 from gsae_fast import ops, reference  # noqa: E402

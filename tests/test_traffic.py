@@ -1,14 +1,14 @@
 """The traffic model (bench/traffic.py) against hand computations, and the per-device dense
-switch (gsae_fast.dense_switch): override, environment variable, device types, the CPU default, and the
-loss choosing dense or sparse by it."""
+switch (gsae_fast.dense_switch): override, environment variable, device types, the CPU default,
+and the loss choosing dense or sparse by it."""
 import os
 import sys
 
 import pytest
 import torch
 
-from gsae_fast import dense_switch, ops
 from conftest import CPU_BACKENDS, make_params, make_x
+from gsae_fast import dense_switch, ops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
@@ -69,7 +69,8 @@ def test_floors_by_hand():
     assert roof.name == "H200"
     assert roof.peak_bandwidth() == pytest.approx(4.3e12)
     assert roof.peak_flops(torch.bfloat16) == pytest.approx(795e12, rel=1e-3)
-    assert dense_switch.device_roofline("NVIDIA H100 80GB HBM3").peak_bandwidth() == pytest.approx(3.0e12)
+    h100 = dense_switch.device_roofline("NVIDIA H100 80GB HBM3")
+    assert h100.peak_bandwidth() == pytest.approx(3.0e12)
     assert dense_switch.device_roofline("Some future GPU") is dense_switch.DEFAULT_ROOFLINE
     # the encode at the headline shape is GEMM-bound: 2 * 4096 * 2304 * 65536 / 795e12
     f = traffic.floors_ms(traffic.HEADLINE, 32, torch.bfloat16, roof)
@@ -116,7 +117,8 @@ def test_cuda_default_is_the_model(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "NVIDIA H200")
     dense_switch._cuda_default.cache_clear()
     try:
-        want = dense_switch.dense_switch_model(dense_switch.device_roofline("H200"), torch.bfloat16)["fraction"]
+        want = dense_switch.dense_switch_model(dense_switch.device_roofline("H200"),
+                                               torch.bfloat16)["fraction"]
         assert dense_switch.dense_switch_fraction("cuda:0", torch.bfloat16) == pytest.approx(want)
         assert dense_switch.dense_switch_fraction("cuda") == pytest.approx(want)  # bf16 by default
         assert dense_switch.dense_is_faster(int(0.03 * 65536), 65536, "cuda", torch.bfloat16)
@@ -136,9 +138,10 @@ def test_override_env_and_device_types(monkeypatch):
     dense_switch.set_dense_switch(None)
     assert dense_switch.dense_switch_fraction("cpu") == 0.2
     monkeypatch.setenv(dense_switch.DENSE_SWITCH_ENV, "0.3")
-    assert dense_switch.dense_switch_fraction("cpu") == 0.3 == dense_switch.dense_switch_fraction("cuda")
+    fraction = dense_switch.dense_switch_fraction
+    assert fraction("cpu") == 0.3 == fraction("cuda")
     monkeypatch.setenv(dense_switch.DENSE_SWITCH_ENV, "cuda=0.01, cpu=0.4")
-    assert dense_switch.dense_switch_fraction("cpu") == 0.4 and dense_switch.dense_switch_fraction("cuda:1") == 0.01
+    assert fraction("cpu") == 0.4 and fraction("cuda:1") == 0.01
     dense_switch.set_dense_switch(0.25, "cpu")  # the override beats the environment
     assert dense_switch.dense_switch_fraction("cpu") == 0.25
     monkeypatch.setenv(dense_switch.DENSE_SWITCH_ENV, "cpu=lots")
@@ -150,7 +153,8 @@ def test_override_env_and_device_types(monkeypatch):
     with pytest.raises(ValueError):
         dense_switch.set_dense_switch(float("nan"))
     monkeypatch.delenv(dense_switch.DENSE_SWITCH_ENV)
-    dense_switch.DENSE_SWITCH_FRACTION, saved = 1.0, dense_switch.DENSE_SWITCH_FRACTION  # the old way still works
+    # the old way still works
+    dense_switch.DENSE_SWITCH_FRACTION, saved = 1.0, dense_switch.DENSE_SWITCH_FRACTION
     try:
         assert dense_switch.dense_switch_fraction("cpu") == 1.0
     finally:
@@ -166,7 +170,8 @@ def test_the_loss_follows_the_switch(monkeypatch):
     assert run().acts is None  # 20 > 0.2 * 64: dense by the CPU default
     dense_switch.set_dense_switch(0.5, "cpu")
     assert run().acts is not None  # 20 <= 32: sparse
-    dense_switch.set_dense_switch(0.5, "cuda")  # another device type's override changes nothing here
+    # another device type's override changes nothing here
+    dense_switch.set_dense_switch(0.5, "cuda")
     dense_switch.set_dense_switch(None, "cpu")
     assert run().acts is None
     monkeypatch.setenv(dense_switch.DENSE_SWITCH_ENV, "cpu=0.9")

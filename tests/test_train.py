@@ -5,11 +5,11 @@ import math
 
 import pytest
 import torch
+from test_peers import dictlearn  # noqa: F401  (fixture)
 
 from gsae_fast import cli, metrics
 from gsae_fast.synthetic import SyntheticConfig, SyntheticFeatures, feature_recovery
 from gsae_fast.train import TrainConfig, Trainer
-from test_peers import dictlearn  # noqa: F401  (fixture)
 
 SMALL = SyntheticConfig(d_in=16, n_features=40, target_l0=4)
 

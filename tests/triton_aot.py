@@ -4,9 +4,10 @@ The interpreter tests check the kernels' logic; this checks that the real compil
 (types, layouts, dynamic loops) for every autotune configuration in fp32, bf16, fp16 and fp64,
 and reports each one's shared memory, its atomics and memory fences (in the PTX, and in the
 SASS), and its registers, spills (STL/LDL) and tensor-core opcodes (from the SASS and
-``cuobjdump -res-usage``, when triton ships cuobjdump; bench/gpu_static.py tabulates them). Arguments get the specialisation of real sizes: pointers and
-integers divisible by 16 (what the JIT compiles when sizes are multiples of 16). Run without
-TRITON_INTERPRET (tests/test_triton.py does, once, in a subprocess, and reads the JSON report):
+``cuobjdump -res-usage``, when triton ships cuobjdump; bench/gpu_static.py tabulates them).
+Arguments get the specialisation of real sizes: pointers and integers divisible by 16 (what the
+JIT compiles when sizes are multiples of 16). Run without TRITON_INTERPRET (tests/test_triton.py
+does, once, in a subprocess, and reads the JSON report):
 
     python tests/triton_aot.py --arch 90 --arch 80 [--dtype bf16] [--kernel gated_encode]
                                [--jobs 2] [--json report.json]

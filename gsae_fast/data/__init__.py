@@ -18,11 +18,25 @@ Modules: ``text`` (:func:`read_texts`), ``stream`` (:class:`ModelActivations`), 
 :func:`model_training_batches`, :func:`write_model_cache`). Loading models and hooking their
 layers is in :mod:`gsae_fast.hooks`.
 """
-from .cache import (CACHE_DTYPES, CACHE_FORMAT, CACHE_FORMAT_VERSION, META_FILE, ActivationCache,
-                    CacheBatches, ProgressFn, write_cache)
+from .cache import (
+                    CACHE_DTYPES,
+                    CACHE_FORMAT,
+                    CACHE_FORMAT_VERSION,
+                    META_FILE,
+                    ActivationCache,
+                    CacheBatches,
+                    ProgressFn,
+                    write_cache,
+)
 from .mixing import MixingBuffer
-from .sources import (FullBatches, cache_eval_batches, cache_training_batches,
-                      model_training_batches, text_activations, write_model_cache)
+from .sources import (
+                    FullBatches,
+                    cache_eval_batches,
+                    cache_training_batches,
+                    model_training_batches,
+                    text_activations,
+                    write_model_cache,
+)
 from .stream import ModelActivations
 from .synthetic import SyntheticConfig, SyntheticFeatures, feature_recovery
 from .text import TEXT_SUFFIXES, PathLike, read_texts

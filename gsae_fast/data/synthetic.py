@@ -62,7 +62,8 @@ class SyntheticFeatures:
         self.group_of = torch.arange(cfg.n_features) // cfg.group_size
         # Expected count: sum_i p_i (1 + group_rate (boost - 1)); solve for the overall scale.
         boost_mean = 1 + cfg.group_rate * (cfg.group_boost - 1)
-        self.probs = (base * cfg.target_l0 / (base.sum() * boost_mean)).clamp(max=1.0 / cfg.group_boost)
+        self.probs = (base * cfg.target_l0 / (base.sum() * boost_mean)).clamp(
+            max=1.0 / cfg.group_boost)
         self.probs = self.probs.float()
         self.position = 0  # index of the next batch
         self.directions, self.scales, self.probs = (t.to(self.device) for t in
@@ -86,7 +87,8 @@ class SyntheticFeatures:
     def batch(self, index: int, batch_size: Optional[int] = None) -> Tensor:
         """Batch ``index`` of the stream: ``a @ directions + noise``."""
         a = self.coefficients(index, batch_size)
-        g = torch.Generator(device=self.device).manual_seed(self.cfg.seed * 1_000_003 + 7919 * index + 2)
+        seed = self.cfg.seed * 1_000_003 + 7919 * index + 2
+        g = torch.Generator(device=self.device).manual_seed(seed)
         noise = self.cfg.noise * torch.randn(a.shape[0], self.cfg.d_in, generator=g,
                                              device=self.device)
         return a @ self.directions + noise

@@ -26,11 +26,12 @@ Modules
 :func:`mean_activations`), and ``run``, what the batched analyses share.
 """
 from .edges import EdgeEffects, edge_effects
-# ABLATION_MODES, IG_ALPHAS and OTHER_ERRORS are not in __all__ but were importable from here.
 from .interventions import ABLATION_MODES, ablate, mean_activations, steer
 from .nodes import IG_ALPHAS, METHODS, OTHER_ERRORS, NodeEffects, node_effects
+
 # Last, so that ``gsae_fast.interp.splice`` is the function, not the submodule of that name.
 from .splice import LayerRecord, Splice, splice
 
 __all__ = ["splice", "Splice", "LayerRecord", "NodeEffects", "node_effects", "EdgeEffects",
-           "edge_effects", "ablate", "steer", "mean_activations", "METHODS"]
+           "edge_effects", "ablate", "steer", "mean_activations", "METHODS", "IG_ALPHAS",
+           "OTHER_ERRORS", "ABLATION_MODES"]

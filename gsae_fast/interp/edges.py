@@ -12,8 +12,17 @@ from torch import Tensor
 
 from ..hooks import model_device
 from ..types import acc_dtype
-from .run import (RunContext, activation_delta, add_features, active_keys, copies_per_forward,
-                  gradient_effects, inject_rule, reencode_rule, rows_of)
+from .run import (
+    RunContext,
+    activation_delta,
+    active_keys,
+    add_features,
+    copies_per_forward,
+    gradient_effects,
+    inject_rule,
+    reencode_rule,
+    rows_of,
+)
 from .splice import check_tokens, decoder_rows, metric_value, model_logits, sae_dtype, splice
 
 

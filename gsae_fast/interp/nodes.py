@@ -55,8 +55,18 @@ from torch import Tensor
 from ..hooks import model_device
 from ..types import acc_dtype
 from .jump_ig import gate_params, jump_ig_grad
-from .run import (Path, RunContext, activation_delta, add_features, active_keys,
-                  copies_per_forward, error_effect, gradient_effects, reencode_rule, rows_of)
+from .run import (
+    Path,
+    RunContext,
+    activation_delta,
+    active_keys,
+    add_features,
+    copies_per_forward,
+    error_effect,
+    gradient_effects,
+    reencode_rule,
+    rows_of,
+)
 from .splice import Splice, check_tokens, metric_value, model_logits, sae_dtype, splice
 
 METHODS = ("atp", "ig", "jump_ig", "exact")

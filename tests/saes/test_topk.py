@@ -7,13 +7,13 @@ import math
 
 import pytest
 import torch
+from test_peers import TOL64, dictlearn  # noqa: F401
+from test_peers import assert_rel as _assert_rel
 
 import gsae_fast
 from conftest import CPU_BACKENDS, make_x
 from gsae_fast import BatchTopKSAE, TopKSAE, topk
 from gsae_fast.interop import UnsupportedSAEError
-from test_peers import TOL64, dictlearn  # noqa: F401
-from test_peers import assert_rel as _assert_rel
 
 
 def assert_rel(actual, expected, tol, what=""):

@@ -1,5 +1,6 @@
-"""gsae_fast.activations: text input, hooks and splicing, the model activation stream, the
-mixing buffer and the on-disk cache, with tiny random-weight models (no download)."""
+"""gsae_fast.hooks and gsae_fast.data (imported through their gsae_fast.activations
+re-exports): text input, hooks and splicing, the model activation stream, the mixing buffer and
+the on-disk cache, with tiny random-weight models (no download)."""
 from __future__ import annotations
 
 import io

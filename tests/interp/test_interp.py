@@ -44,7 +44,8 @@ def _tokens():
 def _random_sae(x, seed, frac=0.2):
     """A GatedSAE with a real gate: W_enc scaled to the layer's activations and b_gate at the
     (1 - frac) quantile of each feature's pre-activation on these activations, so ~frac of the
-    features fire (gates are not within rounding of the threshold); magnitudes start at a positive offset above the gate (a real jump)."""
+    features fire (gates are not within rounding of the threshold); magnitudes start at a positive
+    offset above the gate (a real jump)."""
     g = torch.Generator().manual_seed(seed)
     xs = x.reshape(-1, D)
     sd = xs.std()

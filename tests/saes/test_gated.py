@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from conftest import CPU_BACKENDS, make_params, make_x, rel_err
 import gsae_fast
+from conftest import CPU_BACKENDS, make_params, make_x, rel_err
 from gsae_fast import GatedSAE, SparseActs, reference
 
 NAMES = ["W_enc", "W_dec", "b_dec", "b_gate", "r_mag", "b_mag"]

@@ -6,12 +6,12 @@ import math
 
 import pytest
 import torch
+from test_peers import TOL64, assert_rel, dictlearn, make_x  # noqa: F401
 
 import gsae_fast
 from conftest import CPU_BACKENDS
 from gsae_fast import GatedSAE, JumpReLUSAE
 from gsae_fast.interop import UnsupportedSAEError
-from test_peers import TOL64, assert_rel, dictlearn, make_x  # noqa: F401
 
 D_IN, D_SAE, BATCH = 13, 47, 37
 NAMES = ("W_enc", "W_dec", "b_dec", "b_enc", "threshold")
