@@ -128,13 +128,19 @@ def gated_encode_backward(x: Tensor, W_enc: Tensor, b_dec: Tensor, b_gate: Tenso
     acc = f.dtype
     zero = torch.zeros((), dtype=acc, device=x.device)
     valid = slot_mask(idx, counts)
-    i = torch.where(valid, idx, 0).long()  # padding never indexes (it may hold anything)
+    # padding never indexes (it may hold anything)
+    i = torch.where(valid, idx, 0).reshape(-1).long()
     exp_r = torch.exp(r_mag.to(acc))
-    grad_mag = torch.where(valid & (f > 0), grad_f, zero)
-    grad_gate = torch.where(valid, grad_pi_gate, zero)
-    dz = grad_gate + exp_r[i] * grad_mag
-    z = pi_gate - b_gate.to(acc)[i]
-    per_slot = torch.stack([dz, grad_gate, grad_mag, grad_mag * z])
+    # The four per-slot rows written in place into the one [4, B, K] tensor the kernel takes
+    # (no stack copy: at L0 ~ 2k these passes cost as much as the kernel).
+    per_slot = torch.empty((4,) + tuple(idx.shape), dtype=acc, device=x.device)
+    dz, grad_gate, grad_mag, mag_z = per_slot.unbind(0)
+    torch.where(valid, grad_pi_gate, zero, out=grad_gate)
+    torch.where(valid & (f > 0), grad_f, zero, out=grad_mag)
+    torch.mul(exp_r.index_select(0, i).view_as(f), grad_mag, out=dz)
+    dz.add_(grad_gate)
+    torch.sub(pi_gate, b_gate.to(acc).index_select(0, i).view_as(f), out=mag_z)  # z
+    mag_z.mul_(grad_mag)
     grad_W, sums = _encode_scatter_op(x, b_dec, idx, counts, per_slot, W_enc.shape[1], backend)
     dt = x.dtype
     grad_x = x.new_empty((0,))
