@@ -16,8 +16,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 from _harness import timeit  # noqa: E402
-from conftest import make_params, make_x  # noqa: E402
 
+from conftest import make_params, make_x  # noqa: E402
 from gsae_fast import ops  # noqa: E402
 
 
