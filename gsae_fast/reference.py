@@ -326,6 +326,14 @@ def topk_aux_scale(num_dead: int, k_aux: int, style: str) -> float:
     return min(num_dead / k_aux, 1.0) if style == "sae_lens" else 1.0
 
 
+def topk_aux_budget(num_dead: int, d_in: int, aux_k: Optional[int],
+                    style: str) -> tuple[int, float]:
+    """AuxK's (k_aux, loss scale): ``aux_k`` dead latents (default d_in / 2), at most the dead
+    ones there are, the scale taken before that cut (as both peers do)."""
+    k_aux = d_in // 2 if aux_k is None else aux_k
+    return min(k_aux, num_dead), topk_aux_scale(num_dead, k_aux, style)
+
+
 def topk_aux_reduce(recons: Tensor, residual: Tensor, style: str) -> Tensor:
     if style == "sae_lens":
         return squared_error(recons, residual)
@@ -353,9 +361,7 @@ def topk_sae_loss(x: Tensor, W_enc: Tensor, W_dec: Tensor, b_dec: Tensor, b_enc:
     aux = mse.new_zeros(())
     num_dead = 0 if dead_neuron_mask is None else int(dead_neuron_mask.sum())
     if num_dead and aux_loss_coefficient:
-        k_aux = d_in // 2 if aux_k is None else aux_k
-        scale = topk_aux_scale(num_dead, k_aux, aux_style)
-        k_aux = min(k_aux, num_dead)
+        k_aux, scale = topk_aux_budget(num_dead, d_in, aux_k, aux_style)
         residual = (x2 - x_hat).detach()
         pre = hidden_pre.relu() if aux_style == "dictionary_learning" else hidden_pre
         top = torch.where(dead_neuron_mask, pre, -torch.inf).topk(k_aux, sorted=False)

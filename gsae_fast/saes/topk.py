@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from .. import backends, ops, reference
 from ..reference import TOPK_AUX_STYLES as AUX_STYLES  # noqa: F401
-from ..reference import TopKLoss, dense_topk, topk_aux_reduce, topk_aux_scale
+from ..reference import TopKLoss, dense_topk, topk_aux_reduce
 from ..reference import check_topk_loss_options as check_loss_options
 from ..types import SparseActs, acc_dtype
 from .base import Arch, SparseSAE
@@ -242,9 +242,7 @@ def topk_sae_loss(x: Tensor, W_enc: Tensor, W_dec: Tensor, b_dec: Tensor, b_enc:
     aux = mse.new_zeros(())
     num_dead = 0 if dead_neuron_mask is None else int(dead_neuron_mask.sum())
     if num_dead and aux_loss_coefficient:
-        k_aux = d_in // 2 if aux_k is None else aux_k
-        scale = topk_aux_scale(num_dead, k_aux, aux_style)
-        k_aux = min(k_aux, num_dead)
+        k_aux, scale = reference.topk_aux_budget(num_dead, d_in, aux_k, aux_style)
         residual = (x2 - x_hat).detach()
         positive = aux_style == "dictionary_learning"
         # The dead columns only: a GEMM of [tokens, num_dead], then [tokens, k_aux] slots.
