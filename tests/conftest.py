@@ -24,6 +24,10 @@ import gsae_fast  # noqa: E402
 # Every op-level executor that runs on CPU here ("reference" = gsae_fast.torch_executor).
 CPU_BACKENDS = gsae_fast.available_backends("cpu")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# Relative error bounds against the float64 reference, per input dtype: the loss and its gradients
+# on the CPU executors (small shapes), and every GPU executor at real sizes (tests marked gpu).
+LOSS_TOL = {torch.float64: 1e-11, torch.float32: 1e-5, torch.bfloat16: 2e-2}
+GPU_TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 
 
 def pytest_collection_modifyitems(config, items):

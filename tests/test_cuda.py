@@ -9,12 +9,11 @@ import shutil
 import pytest
 import torch
 
-from conftest import make_params, make_x, rel_err
+from conftest import GPU_TOL, make_params, make_x, rel_err
 from gsae_fast import backends, ops
 
 OPS = ("gated_encode", "encode_grad_scatter", "sparse_decode", "sparse_decode_backward",
        "sparse_decode_pair", "sparse_decode_pair_backward")
-GPU_TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 
 
 def _toolkit() -> bool:

@@ -4,10 +4,9 @@ without a CUDA device)."""
 import pytest
 import torch
 
-from conftest import loss_and_grads_twice, make_params, make_x, rel_err
+from conftest import GPU_TOL, loss_and_grads_twice, make_params, make_x, rel_err
 from gsae_fast import ops, reference
 
-GPU_TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 EXECUTORS = ["triton", "cuda"]
 
 

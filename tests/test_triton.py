@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from conftest import loss_and_grads_twice, make_params, make_x, params64, rel_err
+from conftest import GPU_TOL, loss_and_grads_twice, make_params, make_x, params64, rel_err
 from gsae_fast import GatedSAE, SparseActs, available_backends, backends, ops, reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu = the Triton interpreter
@@ -482,5 +482,5 @@ def test_prune_compiles_once_for_the_device(monkeypatch, dtype):
     assert int(counts.max()) <= 128 and not (idx[~valid].any() or f[~valid].any())
     dense = torch.zeros(x.shape[0], d_sae, dtype=torch.float64, device="cuda")
     dense.scatter_add_(1, idx.long(), f.double())
-    tol = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 2e-2}[dtype]
+    tol = GPU_TOL[dtype]
     assert rel_err(dense, dense_ref(x, p)[0]) < tol
