@@ -102,6 +102,9 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     return [b for b in BACKENDS if why_unavailable(b, device) is None]
 
 
+# Under torch.compile the choice is made once, at trace time (it reads the dispatcher's tables,
+# which a graph cannot hold), and the graph keeps the result.
+@torch.compiler.assume_constant_result
 def resolve(backend: str, device: torch.device | str) -> str:
     """The concrete backend for a call on ``device``; a clear error if it cannot run there."""
     device = torch.device(device)

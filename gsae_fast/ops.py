@@ -351,7 +351,9 @@ def gated_encode(x: Tensor, W_enc: Tensor, b_dec: Tensor, b_gate: Tensor, r_mag:
 
     ``capacity`` is a guess of the largest number of active features in a row; a row with more
     makes the encode run again with the exact number (so a good guess saves a GEMM, a bad one
-    costs one, and none loses data). Raises ValueError if the pre-activations are NaN or Inf.
+    costs one, and none loses data). Raises ValueError if the pre-activations are NaN or Inf,
+    or if a per-feature parameter is (or ``exp(r_mag)`` overflows): the magnitude path's relu
+    and the gate's comparison would otherwise hide them.
     """
     op = "gsae_fast.gated_encode"
     check_encoder(op, x, W_enc, b_dec, b_gate=b_gate, r_mag=r_mag, b_mag=b_mag)
@@ -364,23 +366,86 @@ def gated_encode(x: Tensor, W_enc: Tensor, b_dec: Tensor, b_gate: Tensor, r_mag:
     params = [p.contiguous() for p in (W_enc, b_dec, b_gate, r_mag, b_mag)]
     K = min(d_sae, DEFAULT_CAPACITY if capacity is None else capacity)
     f, pi, idx, counts, status = _encode_op(x2, *params, K, be)
-    max_count, nonfinite = status.tolist()
+    # The per-feature vectors' check rides on the status read (one host synchronisation).
+    acc = acc_dtype(x.dtype)
+    vectors = dict(b_gate=b_gate, r_mag=r_mag, b_mag=b_mag)
+    finite = [torch.isfinite(v.to(acc).exp() if name == "r_mag" else v).all()
+              for name, v in vectors.items()]
+    max_count, nonfinite, *vectors_ok = torch.cat(
+        [status, torch.stack(finite).to(status.dtype)]).tolist()
     if nonfinite:
         raise ValueError(f"{op}: the pre-activations contain NaN or Inf: x or the encoder "
                          "parameters (W_enc, b_dec) hold NaN/Inf values")
+    for (name, v), ok in zip(vectors.items(), vectors_ok):
+        if not ok:
+            bad = ~torch.isfinite(v.to(acc).exp() if name == "r_mag" else v)
+            what = ("exp(r_mag) overflows or r_mag is NaN" if name == "r_mag"
+                    else f"{name} holds NaN/Inf")
+            raise ValueError(f"{op}: {what} at feature(s) {bad.nonzero().flatten()[:8].tolist()}"
+                             f" ({int(bad.sum())} in all)")
     if max_count > K:  # a row overflowed: run again with room for every active feature
         K = max_count
         f, pi, idx, counts, status = _encode_op(x2, *params, K, be)
     return SparseActs(idx=idx.view(*lead, K), f=f.view(*lead, K), pi_gate=pi.view(*lead, K),
-                      counts=counts.view(lead), d_sae=d_sae, max_count=max_count)
+                      counts=counts.view(lead), d_sae=d_sae, max_count=max_count, checked=True)
+
+
+def check_acts(op: str, acts: SparseActs) -> None:
+    """Validate sparse activations built outside the package's encoders (once: it then marks
+    them checked): types, shapes, ``counts`` within ``[0, K]`` and the active slots' feature
+    indices within ``[0, d_sae)``, with one error text whatever the executor. A few reductions
+    over ``[..., K]`` (one host synchronisation); the encoders' own outputs skip it."""
+    if not isinstance(acts, SparseActs):
+        raise TypeError(f"{op}: acts must be SparseActs, got {type(acts).__name__}")
+    if acts.checked:
+        return
+    idx, counts = acts.idx, acts.counts
+    if not isinstance(idx, Tensor) or idx.dtype != torch.int32 or idx.dim() < 1:
+        raise TypeError(f"{op}: acts.idx must be an int32 tensor [..., K], got "
+                        f"{getattr(idx, 'dtype', type(idx).__name__)} "
+                        f"{list(getattr(idx, 'shape', []))}")
+    if not isinstance(counts, Tensor) or counts.dtype != torch.int32 or \
+            counts.shape != idx.shape[:-1]:
+        raise ValueError(f"{op}: acts.counts must be int32 of shape {list(idx.shape[:-1])} (one "
+                         f"count per row of acts.idx {list(idx.shape)}), got "
+                         f"{getattr(counts, 'dtype', type(counts).__name__)} "
+                         f"{list(getattr(counts, 'shape', []))}")
+    for name in ("f", "pi_gate"):
+        v = getattr(acts, name)
+        if not isinstance(v, Tensor) or not v.is_floating_point() or v.shape != idx.shape:
+            raise ValueError(f"{op}: acts.{name} must be a floating-point tensor of acts.idx's "
+                             f"shape {list(idx.shape)}, got {getattr(v, 'dtype', type(v))} "
+                             f"{list(getattr(v, 'shape', []))}")
+        if v.device != idx.device:
+            raise ValueError(f"{op}: acts.{name} is on {v.device} but acts.idx on {idx.device}")
+    if counts.device != idx.device:
+        raise ValueError(f"{op}: acts.counts is on {counts.device} but acts.idx on {idx.device}")
+    if not isinstance(acts.d_sae, int) or acts.d_sae < 1:
+        raise ValueError(f"{op}: acts.d_sae must be a positive int, got {acts.d_sae!r}")
+    K = idx.shape[-1]
+    if counts.numel() and idx.numel():
+        active = slot_mask(idx, counts.clamp(0, K))
+        lo, hi = idx.new_full((), acts.d_sae), idx.new_full((), -1)  # fills for padding
+        stats = torch.stack([counts.min(), counts.max(), torch.where(active, idx, lo).min(),
+                             torch.where(active, idx, hi).max()]).tolist()
+    else:
+        stats = [int(counts.min()) if counts.numel() else 0,
+                 int(counts.max()) if counts.numel() else 0, 0, -1]
+    c_min, c_max, i_min, i_max = stats
+    if c_min < 0 or c_max > K:
+        raise ValueError(f"{op}: acts.counts must be within [0, K={K}] (the slots per row), got "
+                         f"values from {c_min} to {c_max}")
+    if i_max >= 0 and (i_min < 0 or i_max >= acts.d_sae):
+        raise ValueError(f"{op}: acts.idx holds feature indices from {i_min} to {i_max} on "
+                         f"active slots; they must be within [0, d_sae={acts.d_sae})")
+    acts.checked = True
 
 
 def _check_decoder(op: str, acts: SparseActs, W_dec: Tensor, bias: Optional[Tensor],
                    backend: str):
     """Types, shapes and devices of a decode of ``acts`` through ``W_dec [d_sae, d_in]`` (+ bias);
     returns (the concrete backend, the leading dims, the capacity K, the number of rows)."""
-    if not isinstance(acts, SparseActs):
-        raise TypeError(f"{op}: acts must be SparseActs, got {type(acts).__name__}")
+    check_acts(op, acts)
     tensors = dict(W_dec=W_dec) if bias is None else dict(W_dec=W_dec, bias=bias)
     check_same(tensors, op)
     if W_dec.dim() != 2 or W_dec.shape[0] != acts.d_sae:
@@ -452,17 +517,18 @@ def gated_sae_loss(x: Tensor, W_enc: Tensor, W_dec: Tensor, b_dec: Tensor, b_gat
     ``GatedLoss.max_count`` tells the caller the largest row count of this batch either way.
     """
     reference.check_loss_options(sparsity, aux)
-    if x.dim() >= 1 and x.shape[:-1].numel() == 0:
-        raise ValueError("gsae_fast.gated_sae_loss: x has no tokens (the loss is a mean over "
-                         "tokens)")
+    op = "gsae_fast.gated_sae_loss"
+    # Every input checked here, whichever path runs: the same refusals on every backend.
+    check_encoder(op, x, W_enc, b_dec, b_gate=b_gate, r_mag=r_mag, b_mag=b_mag)
     d_in, d_sae = W_enc.shape[0], W_enc.shape[1]
+    check_same(dict(x=x, W_dec=W_dec), op)
+    check_shape(W_dec, (d_sae, d_in), "W_dec", op)
+    if x.shape[:-1].numel() == 0:
+        raise ValueError(f"{op}: x has no tokens (the loss is a mean over tokens)")
     if backends.resolve(backend, x.device) == "reference" or \
             dense_is_faster(capacity, d_sae, x.device, x.dtype):
-        check_same(dict(x=x, W_enc=W_enc, W_dec=W_dec), "gsae_fast.gated_sae_loss")
         return reference.gated_sae_loss(x, W_enc, W_dec, b_dec, b_gate, r_mag, b_mag,
                                         l1_coefficient, sparsity=sparsity, aux=aux)
-    check_same(dict(x=x, W_dec=W_dec), "gsae_fast.gated_sae_loss")
-    check_shape(W_dec, (d_sae, d_in), "W_dec", "gsae_fast.gated_sae_loss")
     acts = gated_encode(x, W_enc, b_dec, b_gate, r_mag, b_mag, capacity=capacity, backend=backend)
     if aux == "none" or not _DECODE_PAIR:
         x_hat = sparse_decode(acts, W_dec, b_dec, backend=backend)

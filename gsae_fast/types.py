@@ -1,7 +1,7 @@
 """The data types every executor shares: sparse activations and the loss result."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -34,7 +34,9 @@ class SparseActs:
     Values are in the accumulation dtype (fp32, or fp64 for fp64 inputs) whatever the input
     dtype. ``f`` and ``pi_gate`` carry autograd back to the encoder parameters and the input.
     ``max_count`` is the largest row count of this batch (known on the host, used to size the
-    next batch's capacity).
+    next batch's capacity). ``checked``: the shapes, dtypes and index ranges are known good (the
+    package's encoders set it); a SparseActs built or edited by hand is validated by the first op
+    that reads it (``gsae_fast.ops.check_acts``), which then sets it.
     """
 
     idx: Tensor
@@ -43,6 +45,7 @@ class SparseActs:
     counts: Tensor
     d_sae: int
     max_count: Optional[int] = None
+    checked: bool = field(default=False, compare=False, repr=False)
 
     @property
     def capacity(self) -> int:

@@ -123,7 +123,7 @@ def active_keys(acts: SparseActs) -> Tensor:
 def rows_of(acts: SparseActs, lo: int, hi: int) -> SparseActs:
     """Batch rows ``lo:hi`` of ``acts`` (one copy of a batched run)."""
     return SparseActs(idx=acts.idx[lo:hi], f=acts.f[lo:hi], pi_gate=acts.pi_gate[lo:hi],
-                      counts=acts.counts[lo:hi], d_sae=acts.d_sae)
+                      counts=acts.counts[lo:hi], d_sae=acts.d_sae, checked=acts.checked)
 
 
 # ---------------------------------------------------------------------------- batched runs

@@ -144,7 +144,11 @@ class SparseSAE(nn.Module):
     def encode(self, x: Tensor) -> Tensor:
         """Dense feature activations ``[..., d_sae]`` (SAELens ``encode`` semantics)."""
         if self._backend_for(x) == "reference":
-            return reference.encode(x, *self.encoder_params())
+            W_enc, b_dec, b_gate, r_mag, b_mag = params = self.encoder_params()
+            # the checks of the sparse encode, so that every backend refuses the same inputs
+            ops.check_encoder("gsae_fast encode", x, W_enc, b_dec, b_gate=b_gate, r_mag=r_mag,
+                              b_mag=b_mag)
+            return reference.encode(x, *params)
         return self.encode_sparse(x).to_dense(dtype=x.dtype)
 
     def decode(self, acts: Union[SparseActs, Tensor]) -> Tensor:
@@ -155,6 +159,7 @@ class SparseSAE(nn.Module):
         if acts.shape[-1] != self.d_sae:
             raise ValueError(f"decode: acts must be [..., d_sae={self.d_sae}], got "
                              f"{list(acts.shape)}")
+        ops.check_same(dict(acts=acts, W_dec=self.W_dec, b_dec=self.b_dec), "gsae_fast decode")
         return reference.decode(acts, self.W_dec, self.b_dec)
 
     def forward(self, x: Tensor) -> Tensor:

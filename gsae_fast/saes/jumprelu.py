@@ -74,7 +74,8 @@ def jumprelu_sae_loss(x: Tensor, W_enc: Tensor, W_dec: Tensor, b_dec: Tensor, b_
     pre = torch.where(valid, acts.pi_gate + offset, th - bandwidth)  # padding: out of band
     f = JumpReLUFn.apply(pre, th, bandwidth, ste_to_input)
     l0_rows = StepFn.apply(pre, th, bandwidth, ste_to_input).sum(-1)
-    slots = SparseActs(acts.idx, f, acts.pi_gate, acts.counts, acts.d_sae, acts.max_count)
+    slots = SparseActs(acts.idx, f, acts.pi_gate, acts.counts, acts.d_sae, acts.max_count,
+                       checked=acts.checked)
     x_hat = ops.sparse_decode(slots, W_dec, b_dec, backend=backend)
     sparsity = reference.jumprelu_sparsity(l0_rows, f * W_dec_norm.to(acc)[i], l0_coefficient,
                                            sparsity_mode, tanh_scale, target_l0)

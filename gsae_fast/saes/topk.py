@@ -185,7 +185,7 @@ def topk_encode(x: Tensor, W_enc: Tensor, b_dec: Tensor, b_enc: Tensor, k: float
         f = f * decoder_norm.to(f.dtype)[idx.long()]
     K = idx.shape[1]
     return SparseActs(idx=idx.view(*lead, K), f=f.view(*lead, K), pi_gate=f.view(*lead, K),
-                      counts=counts.view(lead), d_sae=d_sae, max_count=K)
+                      counts=counts.view(lead), d_sae=d_sae, max_count=K, checked=True)
 
 
 def decode_values(acts: SparseActs, decoder_norm: Optional[Tensor]) -> SparseActs:
@@ -253,7 +253,7 @@ def topk_sae_loss(x: Tensor, W_enc: Tensor, W_dec: Tensor, b_dec: Tensor, b_enc:
                                   scale=None if norm is None else norm.detach().to(W_enc.dtype),
                                   cols=dead_neuron_mask.nonzero().squeeze(1))
         v = _SlotPre.apply(x2c, *params, idx, counts, pre, be)
-        recons = ops.sparse_decode(SparseActs(idx, v, v, counts, d_sae), W_dec, None,
+        recons = ops.sparse_decode(SparseActs(idx, v, v, counts, d_sae, checked=True), W_dec, None,
                                    backend=be)
         aux = aux_loss_coefficient * scale * topk_aux_reduce(recons, residual, aux_style)
     return TopKLoss(loss=mse + aux, mse=mse, aux=aux, l0=l0, x_hat=x_hat.view(x.shape),
