@@ -66,7 +66,8 @@ def atomic_write(path: str, mode: str = "wb") -> Iterator[IO]:
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC and \
+                "no space left on device writing" not in str(e):  # (a nested write named it)
             raise _no_space(path, e) from e
         if isinstance(e, RuntimeError) and "unexpected pos" in str(e):
             # torch.save's zip writer reports a full disk this way

@@ -38,11 +38,42 @@ from torch import nn
 
 # The registry (each architecture's module in gsae_fast.saes holds its class and its Arch) and
 # the error; these names stay importable from here.
+from .files import atomic_write, write_json
 from .saes import ARCHS, Arch, UnsupportedSAEError  # noqa: F401
 
 SAE_LENS_CFG, SAE_LENS_WEIGHTS = "cfg.json", "sae_weights.safetensors"
 DL_CFG, DL_WEIGHTS = "config.json", "ae.pt"
 SAE_LENS_FORMAT = "6.0.0"
+
+
+def _read_json_object(path: str) -> dict:
+    """The JSON object (a dict) in the file at ``path``; ValueError naming the file if it is
+    not JSON or holds another type."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{path} is not valid JSON ({e}): the file is damaged or not a "
+                         f"config; restore it or save the SAE again") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} holds a JSON {type(obj).__name__}, expected an object "
+                         f"({{...}} of config fields): not a config file")
+    return obj
+
+
+def _check_floating(tensors: dict, names, where: str) -> None:
+    """UnsupportedSAEError unless each of ``names`` in ``tensors`` is a floating-point
+    tensor (an SAE's weights; an integer one is a quantised or foreign checkpoint)."""
+    for name in names:
+        t = tensors.get(name)
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise UnsupportedSAEError(f"{where}: {name} is a {type(t).__name__}, not a tensor")
+        if not t.is_floating_point():
+            raise UnsupportedSAEError(
+                f"{where}: {name} has dtype {_dtype_name(t.dtype)}; SAE weights are floating "
+                f"point (a quantised checkpoint?): convert them to float first")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -256,6 +287,7 @@ def from_dictionary_learning(ae, *, share: bool = False, backend: str = "auto",
     if not centred and share:
         raise UnsupportedSAEError("share=True needs apply_b_dec_to_input=True: the encoder bias "
                                   "is folded (b_enc + b_dec @ W_enc), so it cannot be shared")
+    _check_floating(state, arch.dl_keys, "dictionary_learning state dict")
     params = {}
     for key, (name, transposed) in arch.dl_keys.items():
         t = state[key].detach()
@@ -329,23 +361,71 @@ def _safetensors():
     return safetensors.torch
 
 
+def _load_safetensors(path: str, device) -> dict:
+    load_file = _safetensors().load_file
+    from safetensors import SafetensorError
+    try:
+        return load_file(path, device=str(device))
+    except SafetensorError as e:
+        raise ValueError(f"{path} is not a valid safetensors file ({e}): it is damaged or its "
+                         f"writing was cut short; restore it or save the SAE again") from None
+
+
+def _load_state_dict(path: str, device) -> dict:
+    """dictionary_learning's ``ae.pt``: a state dict of tensors (loaded with
+    ``weights_only=True``: no code in the file runs)."""
+    import pickle
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(f"{path} is not a state dict of tensors (torch.load(weights_only=True) "
+                         f"refused it: a pickled module or other objects, or a damaged file); "
+                         f"save ae.state_dict() with torch.save") from None
+    except (EOFError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and "PytorchStreamReader" not in str(e):
+            raise  # not the file's content (e.g. a device it cannot be mapped to)
+        why = str(e).strip().splitlines()[0] if str(e).strip() else "the file is empty"
+        raise ValueError(f"{path} is damaged or cut short ({why}); restore it or save "
+                         f"ae.state_dict() again with torch.save") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds a {type(state).__name__}, expected a state dict "
+                         f"(save ae.state_dict() with torch.save)")
+    return state
+
+
 def save_pretrained(gsae, path: Union[str, os.PathLike]) -> None:
     """Write ``path/cfg.json`` + ``path/sae_weights.safetensors`` (SAELens' format: loads with
     ``sae_lens.SAE.load_from_disk(path)`` and :func:`load`; a BatchTopK SAE, which SAELens
-    only has as a training class, with ``sae_lens.TrainingSAE.load_from_disk``)."""
-    save_file = _safetensors().save_file
+    only has as a training class, with ``sae_lens.TrainingSAE.load_from_disk``). Both files
+    are replaced atomically; on an error (a full disk: OSError(ENOSPC) naming the file) the
+    previous checkpoint in ``path`` stays as it was."""
+    save = _safetensors().save
     os.makedirs(path, exist_ok=True)
     arch = ARCHS[gsae.ARCH]
-    save_file({n: getattr(gsae, n).detach().contiguous() for n in arch.params + arch.buffers},
-              os.path.join(path, SAE_LENS_WEIGHTS))
+    weights = save({n: getattr(gsae, n).detach().contiguous() for n in arch.params + arch.buffers})
     cfg = sae_lens_cfg(gsae)
     if getattr(gsae, "dl_threshold", None) is not None:  # SAELens ignores unknown fields
         cfg["dl_threshold"] = gsae.dl_threshold
     # The version of SAELens' config format written here; without it SAELens reads the file as
     # a pre-6.0 config (which has no BatchTopK architecture).
     cfg["metadata"].setdefault("sae_lens_version", SAE_LENS_FORMAT)
-    with open(os.path.join(path, SAE_LENS_CFG), "w") as f:
-        json.dump(cfg, f, indent=1)
+    # Both files are written in full and fsynced before either replaces an older one: a failure
+    # (a full disk: ENOSPC naming the file) leaves the previous pair as it was.
+    cfg_error = []
+    try:
+        with atomic_write(os.path.join(path, SAE_LENS_WEIGHTS)) as f:
+            f.write(weights)
+            f.flush()
+            os.fsync(f.fileno())
+            try:
+                write_json(cfg, os.path.join(path, SAE_LENS_CFG))
+            except OSError as e:
+                cfg_error.append(e)
+                raise
+    except OSError:
+        if cfg_error:  # atomic_write would name the weights for cfg.json's full disk
+            raise cfg_error[0] from None
+        raise
 
 
 def load(path: Union[str, os.PathLike], *, device: Union[str, torch.device] = "cpu",
@@ -355,16 +435,24 @@ def load(path: Union[str, os.PathLike], *, device: Union[str, torch.device] = "c
     ``sae_weights.safetensors``) or a dictionary_learning one (``ae.pt`` [+ ``config.json``]).
     ``dtype`` defaults to the checkpoint's."""
     path = os.fspath(path)
-    if os.path.exists(os.path.join(path, SAE_LENS_WEIGHTS)):
-        load_file = _safetensors().load_file
+    weights_path = os.path.join(path, SAE_LENS_WEIGHTS)
+    if os.path.isfile(weights_path):
         cfg_path = os.path.join(path, SAE_LENS_CFG)
-        if not os.path.exists(cfg_path):
+        if not os.path.isfile(cfg_path):
             raise FileNotFoundError(f"{path}: has {SAE_LENS_WEIGHTS} but no {SAE_LENS_CFG}")
-        with open(cfg_path) as f:
-            cfg = json.load(f)
+        cfg = _read_json_object(cfg_path)
+        arch_name = cfg.get("architecture", "gated")
+        if not isinstance(arch_name, str):
+            raise ValueError(f"{cfg_path}: field 'architecture' is {arch_name!r}, expected a "
+                             f"name such as 'gated'")
+        metadata = cfg.get("metadata")
+        if metadata is not None and not isinstance(metadata, dict):
+            raise ValueError(f"{cfg_path}: field 'metadata' is a {type(metadata).__name__}, "
+                             f"expected an object")
         check_sae_lens_cfg(cfg)
-        arch = _expect(ARCHS[cfg.get("architecture", "gated")], expected)
-        state = load_file(os.path.join(path, SAE_LENS_WEIGHTS), device=str(device))
+        arch = _expect(ARCHS[arch_name], expected)
+        state = _load_safetensors(weights_path, device)
+        _check_floating(state, arch.params + arch.buffers + ("log_threshold",), weights_path)
         if arch.name == "jumprelu" and "log_threshold" in state and "threshold" not in state:
             state["threshold"] = state.pop("log_threshold").exp()  # older SAELens checkpoints
         missing = [n for n in arch.params if n not in state]
@@ -375,14 +463,24 @@ def load(path: Union[str, os.PathLike], *, device: Union[str, torch.device] = "c
         if extra:
             raise UnsupportedSAEError(f"{path}: {SAE_LENS_WEIGHTS} has tensors gsae_fast does not "
                                       f"implement: {extra}")
-        dtype = _parse_dtype(dtype or cfg.get("dtype"))
-        metadata = cfg.get("metadata")
-    elif os.path.exists(os.path.join(path, DL_WEIGHTS)):
+        if dtype is None:
+            try:
+                dtype = _parse_dtype(cfg.get("dtype"))
+            except ValueError as e:
+                raise ValueError(f"{cfg_path}: field 'dtype': {e}") from None
+        else:
+            dtype = _parse_dtype(dtype)
+    elif os.path.isfile(os.path.join(path, DL_WEIGHTS)):
         cfg_path = os.path.join(path, DL_CFG)
-        raw = torch.load(os.path.join(path, DL_WEIGHTS), map_location=device, weights_only=True)
-        if os.path.exists(cfg_path):
-            with open(cfg_path) as f:
-                cls = json.load(f).get("trainer", {}).get("dict_class")
+        raw = _load_state_dict(os.path.join(path, DL_WEIGHTS), device)
+        weight_keys = {k for a in ARCHS.values() for k in a.dl_keys}
+        _check_floating(raw, [k for k in raw if k in weight_keys], os.path.join(path, DL_WEIGHTS))
+        if os.path.isfile(cfg_path):
+            trainer = _read_json_object(cfg_path).get("trainer", {})
+            if not isinstance(trainer, dict):
+                raise ValueError(f"{cfg_path}: field 'trainer' is a {type(trainer).__name__}, "
+                                 f"expected an object")
+            cls = trainer.get("dict_class")
             known = {a.dl_class: a for a in ARCHS.values()}
             if cls is not None and cls not in known:
                 raise UnsupportedSAEError(f"{path}: dictionary_learning dict_class {cls!r}; "
@@ -391,9 +489,12 @@ def load(path: Union[str, os.PathLike], *, device: Union[str, torch.device] = "c
                 expected = known[cls].name
         try:
             sae = from_dictionary_learning(raw, backend=backend, expected=expected)
-        except TypeError as e:
+        except (TypeError, UnsupportedSAEError) as e:
             raise UnsupportedSAEError(f"{path}: {DL_WEIGHTS}: {e}") from None
         return sae if dtype is None else sae.to(_parse_dtype(dtype))
+    elif os.path.isfile(path):
+        raise NotADirectoryError(f"{path} is a file: pass the checkpoint folder that holds it "
+                                 f"({os.path.dirname(path) or '.'})")
     else:
         raise FileNotFoundError(f"{path}: no SAELens ({SAE_LENS_CFG} + {SAE_LENS_WEIGHTS}) or "
                                 f"dictionary_learning ({DL_WEIGHTS}) checkpoint there")

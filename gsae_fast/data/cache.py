@@ -3,14 +3,18 @@ plus a ``meta.json``; :class:`ActivationCache` reads them memory-mapped in shuff
 batches."""
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
+import re
 import struct
 from typing import Callable, Iterable, Optional
 
 import numpy as np
 import torch
 
+from ..files import TMP_SUFFIX, atomic_write, write_json
 from ..hooks import torch_dtype
 from .text import PathLike
 
@@ -42,33 +46,61 @@ def _shard_name(i: int) -> str:
     return f"shard_{i:05d}.npy"
 
 
+# What write_cache writes, or leaves behind when killed mid-write: files.atomic_write's
+# temporary files (".shard_00001.npy.<pid>.<id>.tmp"), or older versions' ("shard_00001.npy.tmp").
+_CACHE_FILE = re.compile(r"(meta\.json|shard_\d+\.npy)(\.tmp)?"
+                         r"|\.(meta\.json|shard_\d+\.npy)\.\d+\.[0-9a-f]+" + re.escape(TMP_SUFFIX))
+
+
 def _is_cache_file(name: str) -> bool:
-    return name in (META_FILE, META_FILE + ".tmp") or (
-        name.startswith("shard_") and name.endswith((".npy", ".npy.tmp")))
+    return _CACHE_FILE.fullmatch(name) is not None
+
+
+def file_sha256(path: str, chunk_bytes: int = 1 << 22) -> str:
+    """The SHA-256 of the file at ``path`` (what ``sha256sum`` prints), read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk_bytes)
+            if not block:
+                return h.hexdigest()
+            h.update(block)
 
 
 class _ShardWriter:
-    """Writes one shard: header with a row count of 0, rows appended, then the real count, to
-    ``shard_NNNNN.npy.tmp`` renamed to ``shard_NNNNN.npy`` when complete."""
+    """Writes one shard through files.atomic_write (a temporary file renamed to
+    ``shard_NNNNN.npy`` when complete): the header, the rows appended, and the header again
+    if the row count is not ``full_rows``. The SHA-256 of the file is computed as it streams
+    (the header says ``full_rows`` from the start; only a shorter last shard is read back)."""
 
-    def __init__(self, out_dir: str, index: int, d_in: int, np_dtype):
+    def __init__(self, out_dir: str, index: int, d_in: int, np_dtype, full_rows: int):
         self.path = os.path.join(out_dir, _shard_name(index))
-        self.d_in, self.np_dtype, self.n_rows = d_in, np_dtype, 0
-        self.file = open(self.path + ".tmp", "wb")
-        self.file.write(_npy_header(0, d_in, np_dtype))
+        self.d_in, self.np_dtype, self.n_rows, self.full_rows = d_in, np_dtype, 0, full_rows
+        header = _npy_header(full_rows, d_in, np_dtype)
+        self._stack = contextlib.ExitStack()
+        self.file = self._stack.enter_context(atomic_write(self.path))
+        self.file.write(header)
+        self._hash = hashlib.sha256(header)
 
     def write(self, rows: np.ndarray):
-        self.file.write(np.ascontiguousarray(rows).tobytes())
+        rows = np.ascontiguousarray(rows)
+        self.file.write(rows.data)
+        self._hash.update(rows.data)
         self.n_rows += rows.shape[0]
 
     def close(self) -> dict:
-        self.file.seek(0)
-        self.file.write(_npy_header(self.n_rows, self.d_in, self.np_dtype))
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-        os.replace(self.path + ".tmp", self.path)
-        return {"file": os.path.basename(self.path), "n_tokens": self.n_rows}
+        if self.n_rows != self.full_rows:
+            self.file.seek(0)
+            self.file.write(_npy_header(self.n_rows, self.d_in, self.np_dtype))
+        self._stack.close()  # flush, fsync, rename, fsync the folder
+        digest = (self._hash.hexdigest() if self.n_rows == self.full_rows
+                  else file_sha256(self.path))
+        return {"file": os.path.basename(self.path), "n_tokens": self.n_rows, "sha256": digest}
+
+    def abort(self, exc: BaseException):
+        """Drop the unfinished shard (atomic_write removes its temporary file; on a full disk
+        it raises ENOSPC naming the shard instead of ``exc``)."""
+        self._stack.__exit__(type(exc), exc, exc.__traceback__)
 
 
 def _to_storage(chunk, d_in: int, dtype_name: str) -> np.ndarray:
@@ -94,9 +126,11 @@ def write_cache(chunks: Iterable, out_dir: PathLike, *, d_in: int, dtype: str = 
     Files: ``shard_00000.npy``, ... (numpy ``.npy`` arrays [n, d_in] of ``shard_tokens`` rows,
     the last one shorter) in ``dtype`` (``"float32"``, ``"float16"`` or ``"bfloat16"``, stored
     as its uint16 bits), and ``meta.json`` (d_in, dtype, n_tokens, the shards and their token
-    counts, the gsae_fast version, and ``metadata``: model, layer, context_len, dataset files,
-    ... as JSON). Shards stream to disk (``.tmp`` then renamed) and meta.json is written last,
-    so a crash leaves no meta.json and :class:`ActivationCache` refuses the directory.
+    counts and SHA-256 checksums, the gsae_fast version, and ``metadata``: model, layer,
+    context_len, dataset files, ... as JSON). Shards stream to disk (a temporary file, renamed
+    when complete) and meta.json is written last, so a crash leaves no meta.json and
+    :class:`ActivationCache` refuses the directory. A full disk raises OSError(ENOSPC) naming
+    the file.
 
     ``max_tokens`` stops after that many rows (the last chunk is cut); ``progress(n_done,
     max_tokens)`` is called after each chunk. An existing cache in ``out_dir`` is replaced only
@@ -135,7 +169,7 @@ def write_cache(chunks: Iterable, out_dir: PathLike, *, d_in: int, dtype: str = 
                 rows = rows[:max_tokens - n_done]
             while rows.shape[0]:
                 if writer is None:
-                    writer = _ShardWriter(out_dir, len(shards), d_in, np_dtype)
+                    writer = _ShardWriter(out_dir, len(shards), d_in, np_dtype, shard_tokens)
                 n = min(shard_tokens - writer.n_rows, rows.shape[0])
                 writer.write(rows[:n])
                 rows, n_done = rows[n:], n_done + n
@@ -148,10 +182,10 @@ def write_cache(chunks: Iterable, out_dir: PathLike, *, d_in: int, dtype: str = 
                 break
         if writer is not None:
             shards.append(writer.close())
-    except BaseException:
-        # Leave the unfinished shard as .tmp (there is no meta.json: not a cache), but close it.
-        if writer is not None and not writer.file.closed:
-            writer.file.close()
+    except BaseException as e:
+        # No meta.json: not a cache. The unfinished shard goes (named, on a full disk).
+        if writer is not None:
+            writer.abort(e)
         raise
     if n_done == 0:
         raise ValueError("write_cache: no activations to write (the chunks were empty)")
@@ -159,12 +193,7 @@ def write_cache(chunks: Iterable, out_dir: PathLike, *, d_in: int, dtype: str = 
     meta = {"format": CACHE_FORMAT, "format_version": CACHE_FORMAT_VERSION, "d_in": d_in,
             "dtype": dtype, "n_tokens": n_done, "shards": shards,
             "gsae_fast_version": __version__, "metadata": metadata}
-    tmp = os.path.join(out_dir, META_FILE + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(meta, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(out_dir, META_FILE))
+    write_json(meta, os.path.join(out_dir, META_FILE))
     return meta
 
 
@@ -172,15 +201,23 @@ class ActivationCache:
     """An activation cache written by :func:`write_cache`, memory-mapped.
 
     Opening checks meta.json and every shard (FileNotFoundError for a missing meta.json or
-    shard, ValueError for a corrupt meta.json or a shard of the wrong shape or dtype).
+    shard, ValueError for a corrupt meta.json, an empty or truncated shard, or one of the wrong
+    shape or dtype). With ``verify`` (the default), each shard's SHA-256 is checked against
+    meta.json when the shard is first read (ValueError naming it: a damaged or swapped
+    file); :meth:`verify` checks them all now. Caches written before the checksums load
+    without this check.
     ``d_in``, ``n_tokens`` (= ``len(cache)``), ``dtype`` (storage), ``metadata`` (what the
     writer recorded). :meth:`batches` yields shuffled batches; the cache keeps its position
     (``epoch``, ``position``) for :meth:`state_dict` / :meth:`load_state_dict`.
     """
 
-    def __init__(self, path: PathLike):
+    def __init__(self, path: PathLike, *, verify: bool = True):
         self.path = os.fspath(path)
         meta_path = os.path.join(self.path, META_FILE)
+        if os.path.isfile(self.path):
+            raise NotADirectoryError(
+                f"{self.path!r} is a file, not an activation cache: pass the directory that "
+                f"holds {META_FILE} and the shards ({os.path.dirname(self.path) or '.'!r}?)")
         if not os.path.isdir(self.path):
             raise FileNotFoundError(f"no activation cache directory {self.path!r}")
         if not os.path.isfile(meta_path):
@@ -188,43 +225,77 @@ class ActivationCache:
                 f"no {META_FILE} in {self.path!r}: not an activation cache, or its writing did "
                 f"not finish (write_cache writes {META_FILE} last); write it again")
         try:
-            with open(meta_path) as f:
+            with open(meta_path, encoding="utf-8") as f:
                 meta = json.load(f)
-            d_in, dtype, n_tokens = int(meta["d_in"]), meta["dtype"], int(meta["n_tokens"])
-            shards = [(str(s["file"]), int(s["n_tokens"])) for s in meta["shards"]]
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+            if not isinstance(meta, dict):
+                raise TypeError(f"a JSON {type(meta).__name__}, not an object")
+            d_in, dtype, n_tokens = int(meta["d_in"]), str(meta["dtype"]), int(meta["n_tokens"])
+            shards = [(str(s["file"]), int(s["n_tokens"]),
+                       None if s.get("sha256") is None else str(s["sha256"]))
+                      for s in meta["shards"]]
+        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
             raise ValueError(f"{meta_path} is corrupt ({type(e).__name__}: {e}); write the "
                              f"cache again") from None
         if dtype not in CACHE_DTYPES:
             raise ValueError(f"{meta_path}: unknown dtype {dtype!r}")
-        if sum(n for _, n in shards) != n_tokens or not shards:
+        if sum(n for _, n, _ in shards) != n_tokens or not shards:
             raise ValueError(f"{meta_path}: the shards' token counts do not add up to n_tokens="
                              f"{n_tokens}; write the cache again")
         np_dtype = np.dtype(CACHE_DTYPES[dtype][0])
-        self._shards = []
-        for name, n in shards:
+        self._shards, self._paths, self._unverified = [], [], {}
+        for i, (name, n, sha256) in enumerate(shards):
             shard_path = os.path.join(self.path, os.path.basename(name))
             if not os.path.isfile(shard_path):
                 raise FileNotFoundError(f"cache {self.path!r}: shard {name} is missing")
-            try:
-                arr = np.load(shard_path, mmap_mode="r")
-            except ValueError as e:
-                raise ValueError(f"cache {self.path!r}: shard {name} is not a valid .npy file "
-                                 f"({e})") from None
-            if arr.ndim != 2 or arr.shape[1] != d_in:
-                raise ValueError(f"cache {self.path!r}: shard {name} has shape {arr.shape}, "
-                                 f"expected width d_in={d_in}")
-            if arr.shape[0] != n or arr.dtype != np_dtype:
-                raise ValueError(f"cache {self.path!r}: shard {name} holds {arr.shape[0]} rows "
-                                 f"of {arr.dtype}, meta.json says {n} of {np_dtype}")
-            self._shards.append(arr)
+            self._shards.append(self._open_shard(shard_path, name, n, d_in, np_dtype))
+            self._paths.append(shard_path)
+            if verify and sha256 is not None:
+                self._unverified[i] = sha256
         self.meta = meta
         self.metadata = meta.get("metadata", {})
         self.d_in, self.dtype, self.n_tokens = d_in, dtype, n_tokens
-        self._offsets = np.cumsum([0] + [n for _, n in shards])   # first row of each shard
+        self._offsets = np.cumsum([0] + [n for _, n, _ in shards])   # first row of each shard
         self.epoch, self.position = 0, 0
         self._order_key = None     # (seed, shuffle) of the epoch in progress
         self._order = None         # (key, epoch, token order) cached for the epoch
+
+    def _open_shard(self, shard_path: str, name: str, n: int, d_in: int, np_dtype):
+        """The shard memory-mapped, checked against meta.json's shape and dtype."""
+        try:
+            arr = np.load(shard_path, mmap_mode="r")
+        except (ValueError, EOFError) as e:
+            size = os.path.getsize(shard_path)
+            data = n * d_in * np_dtype.itemsize
+            what = ("is empty (0 bytes)" if size == 0 else
+                    f"is truncated or not a .npy file ({size} bytes; its {n} rows of {d_in} "
+                    f"{np_dtype.name} need {data} bytes + a header; {e})")
+            raise ValueError(f"cache {self.path!r}: shard {name} {what}: its writing was cut "
+                             f"short or the file was damaged; write the cache again") from None
+        if arr.ndim != 2 or arr.shape[1] != d_in:
+            raise ValueError(f"cache {self.path!r}: shard {name} has shape {arr.shape}, "
+                             f"expected width d_in={d_in}")
+        if arr.shape[0] != n or arr.dtype != np_dtype:
+            raise ValueError(f"cache {self.path!r}: shard {name} holds {arr.shape[0]} rows "
+                             f"of {arr.dtype}, meta.json says {n} of {np_dtype}")
+        return arr
+
+    def _verify_shard(self, s: int):
+        expected = self._unverified.get(s)
+        if expected is None:
+            return
+        got = file_sha256(self._paths[s])
+        if got != expected:
+            raise ValueError(
+                f"cache {self.path!r}: shard {os.path.basename(self._paths[s])} does not match "
+                f"its checksum in {META_FILE} (sha256 {got[:16]}..., expected {expected[:16]}"
+                f"...): the file was damaged or replaced; write the cache again")
+        del self._unverified[s]
+
+    def verify(self) -> None:
+        """Check every shard not yet checked against its SHA-256 in meta.json now (ValueError
+        naming the first that differs); reads the whole cache."""
+        for s in sorted(self._unverified):
+            self._verify_shard(s)
 
     def __len__(self) -> int:
         return self.n_tokens
@@ -257,6 +328,7 @@ class ActivationCache:
         for s, shard in enumerate(self._shards):
             lo, hi = bounds[s], bounds[s + 1]
             if lo < hi:
+                self._verify_shard(s)  # once, before any of its rows are used
                 rows[lo:hi] = shard[sorted_idx[lo:hi] - self._offsets[s]]
         out = np.empty_like(rows)
         out[order] = rows

@@ -55,8 +55,9 @@ def text_activations(model, tokenizer, data: Sequence[PathLike], layer: str, *,
                      rank: int = 0, world: int = 1) -> ModelActivations:
     """``layer``'s activations of ``model`` over the texts of ``data`` (files or directories,
     see :func:`read_texts`), re-readable pass after pass; with ``world`` > 1 over every
-    ``world``-th document from the ``rank``-th (each rank its own stream). The files are read
-    once now, so that a missing or empty one fails here rather than mid-run."""
+    ``world``-th document from the ``rank``-th (each rank its own stream). The paths are
+    checked now (present, and text: see :func:`read_texts`), so that a missing or binary file
+    fails here rather than mid-run."""
     paths = list(data)
     read_texts(paths)
     if world == 1:
