@@ -16,14 +16,14 @@ loss recovered :mod:`gsae_fast.metrics`, the studies :mod:`gsae_fast.study`.
 from __future__ import annotations
 
 import argparse
-import json
+import errno
 import os
 import sys
 from dataclasses import fields
 
 import torch
 
-from . import metrics
+from . import files, metrics
 from .data import sources
 from .demo import DEMO, TIMING, run_demo
 from .progress import Progress
@@ -101,26 +101,33 @@ def train(args) -> dict:
     # argparse gives a list for a tuple field (nargs): back to the field's type
     cfg = TrainConfig(**{f.name: tuple(getattr(args, f.name)) if isinstance(f.default, tuple)
                          else getattr(args, f.name) for f in _config_fields()}, extra=described)
-    trainer = Trainer(cfg, d_in, data, args.out, device=args.device, resume=args.resume,
-                      overwrite=args.overwrite)
-    bar = Progress(cfg.steps, "train", enabled=not args.quiet and rank == 0)
-    trainer.train(progress=lambda step, total, r: bar(
-        step, total, f"loss={r['loss']:.4g} mse={r['mse']:.4g} L0={r['l0']:.3g} "
-                     f"dead={100 * r['dead_fraction']:.0f}%"))
-    sae = trainer.sae
-    if args.parallel != "none":
-        import torch.distributed as dist
-        dist.destroy_process_group()  # the evaluation runs on rank 0 alone
-        if rank != 0:
-            return {}
-        if args.parallel == "feature":  # the whole SAE the trainer exported, once this
-            del trainer, sae                # rank's slice is freed
-            sae = GatedSAE.load(os.path.join(args.out, "sae"), device=args.device,
-                                backend=cfg.backend)
-    _say(f"trained {cfg.steps} steps; SAE in {args.out}/sae (SAELens format)")
-    summary = _evaluate(sae, args)
-    with open(os.path.join(args.out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    # The trainer holds the run folder from here until summary.json is written.
+    with Trainer(cfg, d_in, data, args.out, device=args.device, resume=args.resume,
+                 overwrite=args.overwrite) as trainer:
+        for note in trainer.notes if rank == 0 else ():
+            _say(note)
+        bar = Progress(cfg.steps, "train", enabled=not args.quiet and rank == 0)
+
+        def progress(step, total, r):
+            if "skipped" in r:
+                _say(f"step {step}: skipped ({r['skipped']})")
+            bar(step, total, f"loss={r['loss']:.4g} mse={r['mse']:.4g} L0={r['l0']:.3g} "
+                             f"dead={100 * r['dead_fraction']:.0f}%")
+
+        trainer.train(progress=progress)
+        sae = trainer.sae
+        if args.parallel != "none":
+            import torch.distributed as dist
+            dist.destroy_process_group()  # the evaluation runs on rank 0 alone
+            if rank != 0:
+                return {}
+            if args.parallel == "feature":  # the whole SAE the trainer exported, once this
+                trainer.sae = trainer.opt = sae = None  # rank's slice is freed
+                sae = GatedSAE.load(os.path.join(args.out, "sae"), device=args.device,
+                                    backend=cfg.backend)
+        _say(f"trained {cfg.steps} steps; SAE in {args.out}/sae (SAELens format)")
+        summary = _evaluate(sae, args)
+        files.write_json(summary, os.path.join(args.out, "summary.json"))
     return summary
 
 
@@ -166,8 +173,7 @@ def eval_command(args) -> dict:
     sae = load(args.sae, device=args.device)
     summary = _evaluate(sae, args)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(summary, f, indent=1)
+        files.write_json(summary, args.json)
     return summary
 
 
@@ -295,12 +301,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Errors of the file system that are the user's to fix (a full disk, a folder that cannot be
+# written, a path that is a file): their message names the path. Other OSErrors are bugs.
+USER_OS_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS,
+                  errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENOENT}
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError,
-            FloatingPointError) as e:  # bad input or a failed run: the message, no traceback
+    except (ValueError, RuntimeError, FloatingPointError, OSError) as e:
+        # bad input or a failed run: the message, no traceback
+        if isinstance(e, OSError) and e.errno is not None and e.errno not in USER_OS_ERRORS:
+            raise  # (an OSError without errno is one of this package's, with its message)
         print(f"gsae-fast {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

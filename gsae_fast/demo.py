@@ -12,14 +12,13 @@ it reports (:func:`step_time_ms`, :func:`sized_for_timing`) and the optional mat
 from __future__ import annotations
 
 import copy
-import json
 import os
 import time
 from typing import Optional
 
 import torch
 
-from . import backends, metrics
+from . import backends, files, metrics
 from .progress import Progress
 from .saes import GatedSAE
 from .synthetic import SyntheticConfig, SyntheticFeatures, feature_recovery
@@ -121,7 +120,8 @@ def plot(records: list[dict], recovery_curve: list, final_recovery, path: str) -
     ax[2].set_xlabel("max cosine similarity with a decoder row"), ax[2].set_ylabel("true features")
     ax[2].set_title("recovery of each true feature")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with files.atomic_write(path) as f:
+        fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
     return path
 
@@ -163,7 +163,16 @@ def run_demo(*, d_in: int = DEMO["d_in"], n_features: int = DEMO["n_features"],
                             sparsity_warmup_steps=sparsity_warmup_steps, backend=backend,
                             seed=seed, extra={"data": "synthetic", "synthetic": vars(syn)})
     os.makedirs(out, exist_ok=True)
-    trainer = Trainer(cfg, syn.d_in, data, out, device=device, overwrite=True)
+    with Trainer(cfg, syn.d_in, data, out, device=device, overwrite=True) as trainer:
+        return _train_and_measure(trainer, data, cfg, config, quiet)
+
+
+def _train_and_measure(trainer: Trainer, data: SyntheticFeatures, cfg: TrainConfig,
+                       config: dict, quiet: bool) -> dict:
+    """The demo's body once its trainer holds the output folder: train, measure, write
+    summary.json (and demo.png), print."""
+    syn, device, out, backend = data.cfg, trainer.device, config["out"], config["backend"]
+    time_d_in, time_d_sae, time_l0 = (config[k] for k in ("time_d_in", "time_d_sae", "time_l0"))
     executor = backends.resolve(backend, device)
     truth = data.directions
     _say(f"gsae-fast demo: {syn.n_features} true features in {syn.d_in} dimensions "
@@ -203,8 +212,7 @@ def run_demo(*, d_in: int = DEMO["d_in"], n_features: int = DEMO["n_features"],
         "executor": executor, "config": config,
     }
     summary["plot"] = plot(records, curve, recovery, os.path.join(out, "demo.png"))
-    with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    files.write_json(summary, os.path.join(out, "summary.json"))
     _report(summary, executors)
     return summary
 

@@ -30,13 +30,18 @@ replicated state (step, RNG, data positions, capacity) and the list of rank file
 of ranks; :func:`gather_checkpoint` (``python -m gsae_fast.distributed gather OUT``) writes the
 ordinary single file. The rank files must be visible to every rank (one node, or a shared file
 system).
+
+Every checkpoint file is written atomically (gsae_fast.files) and carries a sha256: beside a
+``checkpoint.pt``, ``checkpoint.pt.sha256`` (``sha256sum -c`` format, written after it); the rank
+files' digests are inside the ``checkpoint.pt`` that commits them. :func:`read_checkpoint`
+checks them and names the file and what is wrong with it (empty, truncated, damaged, not a
+training checkpoint) rather than failing deep inside ``torch.load``.
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import os
-import re
+import sys
 from typing import Iterable, Optional
 
 import numpy as np
@@ -44,13 +49,28 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from . import backends, ops, reference
+from . import backends, files, ops, reference
+
+# The checkpoint files (gsae_fast.checkpoints); these names stay importable from here.
+from .checkpoints import (  # noqa: F401
+    CHECKSUM,
+    FEATURE_DIM,
+    SHARD_FILE,
+    SHARD_KEYS,
+    STATE_KEYS,
+    CheckpointError,
+    gather_checkpoint,
+    gathered_sae,
+    is_sharded,
+    load_file,
+    read_checkpoint,
+    save_file,
+    verify_file,
+    write_checkpoint,
+)
 from .types import GatedLoss, acc_dtype
 
 PARALLEL_MODES = ("none", "data", "feature")
-# The dimension along features of each per-feature parameter (absent: replicated, b_dec).
-FEATURE_DIM = {"W_enc": 1, "W_dec": 0, "b_gate": 0, "r_mag": 0, "b_mag": 0}
-SHARD_FILE = re.compile(r"^checkpoint-\d+\.rank\d+-of-\d+\.pt$")
 
 
 # ------------------------------------------------------------------------- process group
@@ -319,128 +339,30 @@ def init_shard(d_in: int, d_sae: int, features: tuple[int, int], *, device, back
 # -------------------------------------------------------------------------- checkpoints
 
 
-def _restrict(parts: list, a: int, b: int, optimizer: bool = True) -> dict:
-    """The ordinary-format state of features [a, b) from ``parts`` = [(state, start, stop)]
-    (ordinary-format states of consecutive feature ranges, in order); without the Adam state
-    when ``optimizer`` is false."""
-    use = [(st, max(a, s) - s, min(b, e) - s) for st, s, e in parts if s < b and e > a]
-    if not use or a < parts[0][1] or b > parts[-1][2]:
-        raise ValueError(f"features [{a}, {b}) are not in the checkpoint's "
-                         f"[{parts[0][1]}, {parts[-1][2]})")
-    first = use[0][0]
-
-    def cat(get, dim):  # torch.cat copies (out of the memory-mapped files), even one part
-        return torch.cat([get(st).narrow(dim, lo, hi - lo) for st, lo, hi in use], dim)
-
-    names = list(first["sae"])  # the parameters' order: the optimizer's indices
-    out = {k: v for k, v in first.items() if k != "features"}  # a rank file's own range
-    out["sae"] = {k: (v.clone() if FEATURE_DIM.get(k) is None else
-                      cat(lambda st: st["sae"][k], FEATURE_DIM[k]))
-                  for k, v in first["sae"].items()}
-    out["since_fired"] = cat(lambda st: st["since_fired"], 0)
-    if not optimizer:
-        out.pop("optimizer", None)
-        return out
-    opt = first["optimizer"]
-    out["optimizer"] = {"param_groups": copy.deepcopy(opt["param_groups"]), "state": {}}
-    for i, per_param in opt["state"].items():
-        dim = FEATURE_DIM.get(names[i])
-        out["optimizer"]["state"][i] = {
-            k: (v.clone() if dim is None or v.dim() == 0 else
-                cat(lambda st: st["optimizer"]["state"][i][k], dim))
-            for k, v in per_param.items()}
-    return out
-
-
-def is_sharded(state: dict) -> bool:
-    return "sharded" in state
-
-
-def read_checkpoint(path: str, features: Optional[tuple[int, int]] = None,
-                    check=None, optimizer: bool = True) -> dict:
-    """A checkpoint (single file or sharded) in the ordinary single-file layout, holding
-    features [start, stop) (``None``: all of them). Rank files are memory-mapped and only
-    those overlapping the range are read. ``check(state)`` sees the top-level state first (a
-    config check: its error beats a complaint about the feature range). ``optimizer=False``:
-    without the Adam state (a third of the size: what an export needs)."""
-    if features is None and optimizer:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    if check is not None:
-        check(state)
-    if features is None and not is_sharded(state):
-        return state if optimizer else {k: v for k, v in state.items() if k != "optimizer"}
-    if not is_sharded(state):
-        d_sae = state["sae"]["b_gate"].shape[0]
-        return _restrict([(state, 0, d_sae)], *(features or (0, d_sae)), optimizer)
-    info = state["sharded"]
-    a, b = features if features is not None else (0, info["d_sae"])
-    folder = os.path.dirname(path)
-    parts = []
-    for name, (s, e) in zip(info["files"], info["ranges"]):
-        if s < b and e > a:
-            f = os.path.join(folder, name)
-            if not os.path.exists(f):
-                raise FileNotFoundError(f"{path} needs its rank file {f}, which is missing")
-            parts.append((torch.load(f, map_location="cpu", weights_only=False, mmap=True),
-                          s, e))
-    out = _restrict(parts, a, b, optimizer)
-    for k, v in state.items():
-        if k != "sharded":
-            out[k] = v
-    return out
-
-
 def save_sharded(state: dict, path: str, features: tuple[int, int], d_sae: int,
                  group=None) -> None:
     """Every rank writes its file (``state``: this rank's ordinary-format state); then rank 0
-    commits ``path`` (replicated state + the file list) and removes rank files of older
-    checkpoints. A kill at any point leaves the previous checkpoint whole."""
+    commits ``path`` (replicated state + the file list and their digests) and removes rank
+    files of older checkpoints. A kill at any point leaves the previous checkpoint whole."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     folder = os.path.dirname(path) or "."
     names = [f"checkpoint-{state['step']:08d}.rank{r}-of-{world}.pt" for r in range(world)]
-    mine = os.path.join(folder, names[rank])
-    shard = {k: state[k] for k in ("sae", "optimizer", "since_fired")}
+    shard = {k: state[k] for k in SHARD_KEYS}
     shard["features"] = list(features)
-    torch.save(shard, mine + ".tmp")
-    os.replace(mine + ".tmp", mine)
-    dist.barrier(group=group)
+    digest = save_file(shard, os.path.join(folder, names[rank]))
+    # every rank's digest to rank 0 (which also means every rank file is written)
+    digests = [None] * world if rank == 0 else None
+    dist.gather_object(digest, digests, dst=0, group=group)
     if rank == 0:
         meta = {k: v for k, v in state.items() if k not in shard}
         meta["sharded"] = {"world_size": world, "d_sae": d_sae, "files": names,
                            "ranges": [list(feature_range(d_sae, r, world))
-                                      for r in range(world)]}
-        torch.save(meta, path + ".tmp")
-        os.replace(path + ".tmp", path)
+                                      for r in range(world)], "sha256": digests}
+        write_checkpoint(meta, path)
         for f in os.listdir(folder):
             if SHARD_FILE.match(f) and f not in names:
                 os.remove(os.path.join(folder, f))
     dist.barrier(group=group)
-
-
-def gathered_sae(path: str, backend: str = "auto"):
-    """The whole GatedSAE (on the CPU) of a checkpoint, sharded or not (its parameters only
-    are read: at the end of a run rank 0 does this while the other ranks wait in a barrier
-    under the process group's timeout)."""
-    from .saes import GatedSAE
-    params = read_checkpoint(path, optimizer=False)["sae"]
-    d_sae, d_in = params["W_dec"].shape
-    sae = GatedSAE(d_in, d_sae, device="meta", decoder_init_norm=None)
-    sae.backend = backend
-    for k, v in params.items():
-        setattr(sae, k, nn.Parameter(v.clone()))
-    return sae
-
-
-def gather_checkpoint(path: str, out: Optional[str] = None) -> str:
-    """Write the ordinary single-file checkpoint of a sharded one (``out``, default: replace
-    ``path``, leaving the rank files unused); returns the path written."""
-    state = read_checkpoint(path)
-    out = out or path
-    torch.save(state, out + ".tmp")
-    os.replace(out + ".tmp", out)
-    return out
 
 
 def main(argv=None) -> int:
@@ -454,10 +376,17 @@ def main(argv=None) -> int:
     g.add_argument("--sae", help="also write the SAE here (SAELens format)")
     args = p.parse_args(argv)
     path = os.path.join(args.run, "checkpoint.pt")
-    print("wrote", gather_checkpoint(path, args.out))
-    if args.sae:
-        gathered_sae(args.out or path).save_pretrained(args.sae)
-        print("wrote", args.sae)
+    try:
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path} is missing")
+        with files.FolderLock(args.run):  # not while a run writes there
+            print("wrote", gather_checkpoint(path, args.out))
+            if args.sae:
+                gathered_sae(args.out or path).save_pretrained(args.sae)
+                print("wrote", args.sae)
+    except (ValueError, FileNotFoundError, files.FolderInUseError) as e:
+        print(f"gather: error: {e}", file=sys.stderr)  # one line: what and where
+        return 2
     return 0
 
 

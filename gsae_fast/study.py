@@ -18,13 +18,12 @@ summary.
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Callable, Optional
 
 import torch
 
-from . import metrics, reference
+from . import files, metrics, reference
 from .demo import DEMO, demo_train_config, pyplot
 from .progress import Progress
 from .synthetic import SyntheticConfig, SyntheticFeatures, feature_recovery
@@ -76,10 +75,8 @@ def aux_study(*, steps: int = 1500, seed: int = 0, device="cpu", backend: str = 
 def _write_results(out_dir: str, name: str, lines: list, data) -> list[str]:
     """``name.md`` (the lines) and ``name.json`` (the data) in ``out_dir``; their paths."""
     paths = [os.path.join(out_dir, name + ".md"), os.path.join(out_dir, name + ".json")]
-    with open(paths[0], "w") as f:
-        f.write("\n".join(lines) + "\n")
-    with open(paths[1], "w") as f:
-        json.dump(data, f, indent=1)
+    files.write_text("\n".join(lines) + "\n", paths[0])
+    files.write_json(data, paths[1])
     return paths
 
 
@@ -109,7 +106,8 @@ def write_aux_study(rows: list[dict], out_dir: str, header: str) -> list[str]:
     fig.suptitle("Gated SAE auxiliary term: frozen (paper) / shared (SAELens) / none")
     fig.tight_layout()
     paths.append(os.path.join(out_dir, "study_aux.png"))
-    fig.savefig(paths[-1], dpi=100)
+    with files.atomic_write(paths[-1]) as f:
+        fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
     return paths
 
@@ -312,7 +310,8 @@ def write_estimator_study(result: dict, out_dir: str, header: str) -> list[str]:
                  "gates -> metric)")
     fig.tight_layout()
     paths.append(os.path.join(out_dir, "study_estimators.png"))
-    fig.savefig(paths[-1], dpi=100)
+    with files.atomic_write(paths[-1]) as f:
+        fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
     return paths
 

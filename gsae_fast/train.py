@@ -18,7 +18,21 @@
   losses are the bf16 ones); checkpoints (``checkpoint.pt``:
   parameters, Adam state, step, dead-feature counters, RNG states and the data stream's
   position) every ``checkpoint_every`` steps and at the end; ``resume=True`` continues from one
-  exactly (the same loss curve as an uninterrupted run).
+  exactly (the same loss curve as an uninterrupted run). ``steps`` (and ``decay_start``) may
+  change on resume while the lr schedule of the steps already taken stays the same (no decay
+  begun before the checkpoint under either setting): the run then equals an uninterrupted one
+  with the new setting.
+- Nothing lost: every file is written atomically (gsae_fast.files; a full disk raises ENOSPC
+  naming the file and leaves the previous version), a checkpoint carries its sha256
+  (``checkpoint.pt.sha256``, checked on resume), and the run folder is locked
+  (gsae_fast.files.FolderLock) from the Trainer's creation until :meth:`Trainer.close`, the
+  end of a ``with`` block, the Trainer's collection or a failed ``train``: a second run into
+  it is refused.
+- A non-finite loss or gradient stops the run before its update is applied (nothing
+  non-finite is ever saved: the last checkpoint stays resumable), naming the step and the
+  tensors; ``skip_nonfinite`` such batches are skipped first (no update; the step and its
+  tokens count; the log line says ``"skipped"``). A parameter that is not finite (in the
+  compute dtype; ``exp(r_mag)`` included) after an update always stops the run.
 - ``parallel="data"`` / ``"feature"``: data-parallel or feature-sharded training on
   ``torch.distributed`` (gsae_fast.distributed; run under ``torchrun``): each rank's ``data``
   yields its share of every step's tokens, and the run equals a single-process one on the
@@ -27,111 +41,39 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+import weakref
+from dataclasses import asdict
 from typing import Callable, Optional
 
 import torch
 
-from . import backends, distributed, ops, reference
+from . import checkpoints, distributed, files, ops
 from .saes import GatedSAE
 
-DECODER_MODES = ("unit_norm", "norm_penalty")
-AUX_MODES = reference.AUX_CHOICES
-# The executors a run may name (the emulated CUDA one is for tests of the kernels, not training).
-BACKENDS = ("auto",) + tuple(b for b in backends.BACKENDS if b != "cuda_emulated")
-COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
+# The run's configuration (its own module; these names stay importable from here).
+from .train_config import (  # noqa: E402,F401
+    AUX_MODES,
+    BACKENDS,
+    COMPUTE_DTYPES,
+    DECODER_MODES,
+    TrainConfig,
+    compute_dtype,
+)
+
+# May differ on resume: how the run is spread, and how many bad batches it may skip.
+RESUME_FREE = ("parallel", "skip_nonfinite")
 
 
-@dataclass
-class TrainConfig:
-    """A training run's settings. Every field but ``extra`` is a ``gsae-fast train`` flag
-    (``d_sae`` -> ``--d-sae``): its ``metadata`` holds the flag's ``help`` and, where the values
-    are a fixed set, ``choices`` (``type`` where the default, None, does not tell it)."""
-
-    d_sae: int = field(default=4096, metadata={"help": "dictionary size (features)"})
-    l1_coefficient: float = field(default=1.0, metadata={"help": "sparsity coefficient lambda"})
-    steps: int = field(default=1000, metadata={"help": "optimisation steps"})
-    batch_size: int = field(default=4096, metadata={"help": "tokens per step"})
-    lr: float = field(default=5e-5, metadata={"help": "Adam learning rate (peak)"})
-    betas: tuple = field(default=(0.0, 0.999),
-                         metadata={"help": "Adam betas (dictionary_learning: 0 0.999)"})
-    warmup_steps: int = field(default=100, metadata={"help": "linear lr warm-up from 0"})
-    # None: no decay (dictionary_learning's default)
-    decay_start: Optional[int] = field(default=None, metadata={
-        "help": "step where the linear lr decay to 0 starts (default: no decay)", "type": int})
-    sparsity_warmup_steps: int = field(default=200, metadata={
-        "help": "linear warm-up of the sparsity coefficient from 0"})
-    decoder: str = field(default="unit_norm", metadata={
-        "help": "unit_norm: unit decoder rows, unit sparsity weights (paper); norm_penalty: "
-                "|W_dec|-weighted sparsity (SAELens)", "choices": DECODER_MODES})
-    aux: str = field(default="frozen", metadata={
-        "help": "auxiliary reconstruction through a frozen decoder (paper), the live one "
-                "(SAELens), or none", "choices": AUX_MODES})
-    backend: str = field(default="auto", metadata={
-        "help": "executor: auto, reference, cpu, triton, cuda", "choices": BACKENDS})
-    compute_dtype: str = field(default="auto", metadata={  # "auto": bfloat16 on CUDA
-        "help": "dtype of the kernels (fp32 master weights): auto = bfloat16 on CUDA",
-        "choices": COMPUTE_DTYPES})
-    dead_after_tokens: int = field(default=10_000_000, metadata={
-        "help": "a feature that has not fired for this many tokens counts as dead"})
-    seed: int = field(default=0, metadata={"help": "seed of the initialisation and the data order"})
-    log_every: int = field(default=10, metadata={"help": "steps between log.jsonl lines"})
-    checkpoint_every: int = field(default=1000, metadata={
-        "help": "steps between checkpoints (0: at the end only)"})
-    # "data" | "feature": torch.distributed (gsae_fast.distributed)
-    parallel: str = field(default="none", metadata={
-        "help": "under torchrun: data (each rank a share of every batch, gradients "
-                "all-reduced) or feature (each rank a slice of the dictionary); none: one "
-                "process", "choices": distributed.PARALLEL_MODES})
-    # free-form (data description, for the record); not a flag
-    extra: dict = field(default_factory=dict, metadata={"flag": False})
-
-    def check(self) -> None:
-        if self.decoder not in DECODER_MODES:
-            raise ValueError(f"decoder must be one of {DECODER_MODES}, got {self.decoder!r}")
-        if self.parallel not in distributed.PARALLEL_MODES:
-            raise ValueError(f"parallel must be one of {distributed.PARALLEL_MODES}, got "
-                             f"{self.parallel!r}")
-        for name in ("d_sae", "steps", "batch_size", "log_every"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        # dictionary_learning's checks (trainers/trainer.py)
-        if not 0 <= self.warmup_steps < self.steps:
-            raise ValueError(f"warmup_steps must be in [0, steps={self.steps}), got "
-                             f"{self.warmup_steps}")
-        if not 0 <= self.sparsity_warmup_steps < self.steps:
-            raise ValueError(f"sparsity_warmup_steps must be in [0, steps={self.steps}), got "
-                             f"{self.sparsity_warmup_steps}")
-        if self.decay_start is not None and not (
-                max(self.warmup_steps, self.sparsity_warmup_steps) < self.decay_start < self.steps):
-            raise ValueError(f"decay_start must be after warmup_steps and sparsity_warmup_steps "
-                             f"and before steps={self.steps}, got {self.decay_start}")
-        if self.checkpoint_every < 0:
-            raise ValueError("checkpoint_every must be >= 0")
-        if self.lr <= 0 or self.l1_coefficient < 0:
-            raise ValueError("lr must be > 0 and l1_coefficient >= 0")
-
-    def lr_scale(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return step / self.warmup_steps
-        if self.decay_start is not None and step >= self.decay_start:
-            return (self.steps - step) / (self.steps - self.decay_start)
-        return 1.0
-
-    def sparsity_scale(self, step: int) -> float:
-        return min(1.0, step / self.sparsity_warmup_steps) if self.sparsity_warmup_steps else 1.0
+def _entries(k: int) -> str:
+    return f"{k} non-finite entr{'y' if k == 1 else 'ies'}"
 
 
-def _compute_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    dtype = getattr(torch, name, None)
-    if dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-        raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {name!r}")
-    return dtype
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
 def _logged_step(line: str) -> float:
@@ -146,18 +88,22 @@ class Trainer:
     """Trains a :class:`GatedSAE` on ``data`` (an iterator of ``[tokens, d_in]`` batches; with
     ``state_dict`` / ``load_state_dict`` for exact resumption).
 
-    ``out_dir`` receives ``log.jsonl``, ``checkpoint.pt`` and, at the end, ``sae/`` (SAELens
-    format, :meth:`GatedSAE.load`). A directory that already holds a run is continued with
-    ``resume=True``, replaced with ``overwrite=True``, and otherwise refused (never mixed).
+    ``out_dir`` receives ``log.jsonl``, ``checkpoint.pt`` (and its ``.sha256``) and, at the
+    end, ``sae/`` (SAELens format, :meth:`GatedSAE.load`). A directory that already holds a run
+    is continued with ``resume=True``, replaced with ``overwrite=True``, and otherwise refused
+    (never mixed). The Trainer holds the folder's lock (a second Trainer on it, in any process,
+    gets FolderInUseError) until :meth:`close` (or the ``with`` block's end, or its collection),
+    or until ``train`` fails.
 
     With ``cfg.parallel`` "data" or "feature" every rank builds a Trainer (joining the
     torchrun process group if none exists) with ``data`` yielding that rank's share of each
     step (:class:`gsae_fast.distributed.RankShard` of a global stream); ``out_dir`` must be one
-    folder all ranks see. In "feature" mode ``sae`` holds this rank's features
-    ``features = (start, stop)``; the records (losses, L0, dead fraction) are global.
+    folder all ranks see (rank 0 holds its lock). In "feature" mode ``sae`` holds this rank's
+    features ``features = (start, stop)``; the records (losses, L0, dead fraction) are global.
     """
 
-    RUN_FILES = ("checkpoint.pt", "log.jsonl", "sae", "summary.json")
+    RUN_FILES = ("checkpoint.pt", "checkpoint.pt" + checkpoints.CHECKSUM, "log.jsonl", "sae",
+                 "summary.json")
 
     def __init__(self, cfg: TrainConfig, d_in: int, data, out_dir: Optional[str] = None, *,
                  device="cpu", resume: bool = False, overwrite: bool = False):
@@ -170,7 +116,7 @@ class Trainer:
                 raise ValueError(f"batch_size {cfg.batch_size} is smaller than the {self.world} "
                                  "ranks: every rank needs tokens")
         self.device = torch.device(device)
-        self.compute_dtype = _compute_dtype(cfg.compute_dtype, self.device)
+        self.compute_dtype = compute_dtype(cfg.compute_dtype, self.device)
         torch.manual_seed(cfg.seed)
         init_norm = 1.0 if cfg.decoder == "unit_norm" else 0.1
         self.features = (0, cfg.d_sae)
@@ -184,27 +130,83 @@ class Trainer:
         self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
         self.step = 0
         self.tokens = 0
+        self.skipped = 0  # batches skipped for a non-finite loss or gradient (skip_nonfinite)
+        self.saved_step: Optional[int] = None  # the step of the last checkpoint written or read
+        self.notes: list[str] = []  # what a resume changed, for the caller to show
         self.since_fired = torch.zeros(self.sae.d_sae, dtype=torch.long, device=self.device)
         self.capacity: Optional[int] = None  # from the global largest row: picks dense/sparse
         self.local_capacity: Optional[int] = None  # "feature": this rank's encode
-        if out_dir is not None:
-            os.makedirs(out_dir, exist_ok=True)
+        self._lock = None
+        if out_dir is None:
+            if resume:
+                raise FileNotFoundError("resume=True needs the run's out_dir")
+            return
+        if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+            raise NotADirectoryError(f"{out_dir} is a file: the run's output must be a folder")
+        if resume and not os.path.exists(self.checkpoint_path):  # (checked again when locked)
+            raise FileNotFoundError(f"resume=True but there is no checkpoint at "
+                                    f"{self.checkpoint_path}")
+        os.makedirs(out_dir, exist_ok=True)
+        if self.rank == 0:
+            self._lock = files.FolderLock(out_dir)
+            # released when this Trainer is collected, if close() was not called
+            self._release = weakref.finalize(self, self._lock.release)
+        self._acquire()
+        try:
+            self._open_run(resume, overwrite)
+        except BaseException:
+            self.close()
+            raise
+
+    def _acquire(self) -> None:
+        """Take the folder's lock (rank 0; every rank learns whether it got it)."""
+        refused = None
+        if self._lock is not None:
+            try:
+                self._lock.acquire()
+            except files.FolderInUseError as e:
+                refused = str(e)
+        if self.cfg.parallel != "none":
+            box = [refused]
+            torch.distributed.broadcast_object_list(box, src=0)
+            refused = box[0]
+        if refused:
+            raise files.FolderInUseError(refused)
+
+    def close(self) -> None:
+        """Release the run folder (idempotent): another Trainer may then use it."""
+        if self._lock is not None:
+            self._lock.release()
+
+    def __enter__(self) -> "Trainer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _open_run(self, resume: bool, overwrite: bool) -> None:
+        out_dir = self.out_dir
+        if self.rank == 0:  # temporaries of writers killed mid-write (the lock says none runs)
+            for name in os.listdir(out_dir):
+                if name.endswith(files.TMP_SUFFIX) and name.startswith((".", "checkpoint")):
+                    os.remove(os.path.join(out_dir, name))
+        self._barrier()
         if resume:
-            if out_dir is None or not os.path.exists(self.checkpoint_path):
+            if not os.path.exists(self.checkpoint_path):
                 raise FileNotFoundError(f"resume=True but there is no checkpoint at "
-                                        f"{self.checkpoint_path if out_dir else '(no out_dir)'}")
+                                        f"{self.checkpoint_path}")
             self.load_checkpoint(self.checkpoint_path)
-        elif out_dir is not None:
-            found = [n for n in self.RUN_FILES if os.path.exists(os.path.join(out_dir, n))]
-            found += [n for n in os.listdir(out_dir) if distributed.SHARD_FILE.match(n)]
-            if found and not overwrite:
-                raise FileExistsError(f"{out_dir} already holds a run ({', '.join(found)}): "
-                                      "resume it (--resume) or start over (--overwrite)")
-            self._barrier()  # every rank has looked before rank 0 removes
-            for name in found if self.rank == 0 else ():
-                path = os.path.join(out_dir, name)
-                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-            self._barrier()
+            return
+        found = [n for n in self.RUN_FILES if os.path.exists(os.path.join(out_dir, n))]
+        found += [n for n in os.listdir(out_dir) if checkpoints.SHARD_FILE.match(n)]
+        if found and not overwrite:
+            raise FileExistsError(f"{out_dir} already holds a run ({', '.join(found)}): "
+                                  "resume it (--resume) or start over (--overwrite)")
+        self._barrier()  # every rank has looked before rank 0 removes
+        for name in found if self.rank == 0 else ():
+            path = os.path.join(out_dir, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        self._barrier()
 
     def _barrier(self) -> None:
         if self.cfg.parallel != "none":
@@ -216,14 +218,14 @@ class Trainer:
 
     # -- one step ----------------------------------------------------------------------------
 
-    def _in_compute_dtype(self, *tensors: torch.Tensor) -> list:
+    def _incompute_dtype(self, *tensors: torch.Tensor) -> list:
         """The kernels' inputs: differentiable casts of the fp32 masters (no copy when equal)."""
         cd = self.compute_dtype
         return [t if t.dtype == cd else t.to(cd) for t in tensors]
 
     def _loss(self, x: torch.Tensor):
         cfg, sae = self.cfg, self.sae
-        params = self._in_compute_dtype(sae.W_enc, sae.W_dec, sae.b_dec, sae.b_gate, sae.r_mag,
+        params = self._incompute_dtype(sae.W_enc, sae.W_dec, sae.b_dec, sae.b_gate, sae.r_mag,
                                         sae.b_mag)
         coef = cfg.l1_coefficient * cfg.sparsity_scale(self.step)
         sparsity = "unit" if cfg.decoder == "unit_norm" else "decoder_norm"
@@ -231,17 +233,106 @@ class Trainer:
             # The dense/sparse choice as a single process makes it (global capacity, d_sae):
             # the dead-feature counts below depend on it.
             out, local_max = distributed.feature_sharded_loss(
-                *self._in_compute_dtype(x), *params, coef, sparsity=sparsity, aux=cfg.aux,
+                *self._incompute_dtype(x), *params, coef, sparsity=sparsity, aux=cfg.aux,
                 backend=sae._backend_for(x), capacity=self.local_capacity,
                 dense=ops.dense_is_faster(self.capacity, cfg.d_sae, x.device, params[0].dtype))
             self.local_capacity = ops.next_capacity(local_max, sae.d_sae)
             return out
-        return ops.gated_sae_loss(*self._in_compute_dtype(x), *params, coef, sparsity=sparsity,
+        return ops.gated_sae_loss(*self._incompute_dtype(x), *params, coef, sparsity=sparsity,
                                   aux=cfg.aux, backend=sae._backend_for(x),
                                   capacity=self.capacity)
 
+    def _forward_backward(self, x: torch.Tensor):
+        """(the loss with its gradients, None), or (None, what is not finite) when the encoder
+        refuses the batch for NaN/Inf pre-activations (a bad batch, or an overflow in the
+        compute dtype); another ValueError is raised as it is."""
+        try:
+            out = self._loss(x)
+        except ValueError:
+            problem = self._batch_problem(x)
+            if problem is None:
+                raise
+            return None, problem
+        out.loss.backward()
+        return out, None
+
+    @torch.no_grad()
+    def _batch_problem(self, x: torch.Tensor) -> Optional[str]:
+        bad = int((~torch.isfinite(x)).sum())
+        if bad:
+            return f"the batch has {_entries(bad)}"
+        s = self.sae
+        xc, W, b = self._incompute_dtype(x, s.W_enc, s.b_dec)
+        bad = int((~torch.isfinite((xc - b) @ W)).sum())
+        if bad:
+            return (f"the pre-activations (x - b_dec) @ W_enc have {_entries(bad)} in "
+                    f"{_name(xc.dtype)}")
+        return None
+
+    @torch.no_grad()
+    def _nonfinite(self, named: list, dtype: Optional[torch.dtype] = None) -> list:
+        """``"NAME has K non-finite entries"`` for each (name, tensor) with entries that are
+        NaN, Inf or (``dtype``) beyond its range, over all ranks in "feature" mode (every rank
+        gets the same answer); one host synchronisation when all are fine."""
+        big = torch.finfo(dtype or torch.float64).max
+        named = [(n, t.detach()) for n, t in named if t is not None]
+        if not named:  # no gradients: the forward refused the batch (said by the caller)
+            return []
+        peaks = torch.stack([torch.maximum(t.amax(), -t.amin()).to(torch.float64)
+                             for _, t in named])  # NaN propagates
+        feature = self.cfg.parallel == "feature"
+        if feature:
+            torch.distributed.all_reduce(peaks, op=torch.distributed.ReduceOp.MAX)
+        bad = [i for i, peak in enumerate(peaks.tolist()) if not peak <= big]
+        if not bad:
+            return []
+        # (the limit in the tensor's own dtype: fp64's max would round to inf in fp32)
+        counts = torch.stack([(~(t.abs() <= min(big, torch.finfo(t.dtype).max))).sum()
+                              for t in (named[i][1] for i in bad)])
+        if feature:  # b_dec (and its gradient) is the same on every rank: counted once
+            if self.rank:
+                counts *= torch.tensor([not named[i][0].startswith("b_dec") for i in bad],
+                                       device=counts.device)
+            torch.distributed.all_reduce(counts)
+        where = "" if big >= torch.finfo(torch.float32).max else f" in {_name(dtype)}"
+        return [f"{named[i][0]} has {_entries(int(k))}{where}"
+                for i, k in zip(bad, counts.tolist())]
+
+    def _parameter_problems(self) -> list:
+        """Parameters that are not finite in the compute dtype (the kernels' inputs), and
+        ``exp(r_mag)`` there."""
+        cd = self.compute_dtype
+        named = list(self.sae.named_parameters())
+        named.append(("exp(r_mag)", torch.exp(self.sae.r_mag.detach().to(cd))))
+        return self._nonfinite(named, cd)
+
+    def _stop(self, step: int, problems: list, skippable: bool) -> FloatingPointError:
+        if self.out_dir is None:
+            kept = "nothing was saved"
+        elif self.saved_step is None:
+            kept = "no checkpoint was written yet"
+        else:
+            kept = (f"the last checkpoint, {self.checkpoint_path} at step {self.saved_step}, "
+                    f"is intact")
+        how = "start over (--overwrite) with a lower --lr or another --compute-dtype"
+        if skippable and self.cfg.skip_nonfinite:
+            how = (f"{self.skipped} batches skipped already, as many as --skip-nonfinite allows:"
+                   f" resume with a larger one, or {how}")
+        elif skippable:
+            how = f"resume with --skip-nonfinite N to skip up to N such batches, or {how}"
+        return FloatingPointError(f"step {step}: {'; '.join(problems)}; stopped before saving "
+                                  f"anything ({kept}): {how}")
+
+    def _dead_fraction(self) -> float:
+        dead = (self.since_fired >= self.cfg.dead_after_tokens).sum()
+        if self.cfg.parallel == "feature":
+            torch.distributed.all_reduce(dead)
+        return float(dead) / self.cfg.d_sae
+
     def train_step(self, x: torch.Tensor) -> dict:
-        """One optimisation step on the batch ``x``; returns its log record."""
+        """One optimisation step on the batch ``x``; returns its log record. A non-finite loss
+        or gradient skips the update (``"skipped"`` in the record) while ``skip_nonfinite``
+        allows, else raises FloatingPointError; so does a non-finite parameter after it."""
         cfg, sae = self.cfg, self.sae
         t0 = time.perf_counter()
         lr = cfg.lr * cfg.lr_scale(self.step)
@@ -250,14 +341,27 @@ class Trainer:
         x = x.to(self.device).reshape(-1, sae.d_in)
         if cfg.parallel == "feature":  # every rank encodes the whole batch
             x = distributed.gather_rows(x)
-        out = self._loss(x)
         self.opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        stats = [out.loss.item(), out.mse.item(), out.sparsity.item(), out.aux.item(),
-                 out.l0.item()]
+        out, problem = self._forward_backward(x)
+        stats = [float("nan")] * 5 if out is None else [
+            out.loss.item(), out.mse.item(), out.sparsity.item(), out.aux.item(), out.l0.item()]
         n = x.shape[0]
         if cfg.parallel == "data":  # gradients and logged values over all ranks' tokens
             stats, n = distributed.average_gradients(sae.parameters(), stats, n)
+        # Checked before the update, so that a bad batch changes nothing.
+        problems = [problem] if problem else []
+        if not math.isfinite(stats[0]):
+            problems.append(f"the loss is {stats[0]}")
+        problems += self._nonfinite([(name + ".grad", p.grad)
+                                     for name, p in sae.named_parameters()])
+        if problems:
+            self.opt.zero_grad(set_to_none=True)
+            if self.skipped >= cfg.skip_nonfinite:
+                raise self._stop(self.step + 1, problems, skippable=True)
+            self.skipped += 1
+            self.step += 1
+            self.tokens += n
+            return dict(self._record(stats, lr, t0), skipped="; ".join(problems))
         if cfg.decoder == "unit_norm":  # keep the step on the sphere of unit rows
             with torch.no_grad():
                 W, g = sae.W_dec, sae.W_dec.grad
@@ -266,6 +370,10 @@ class Trainer:
         if cfg.decoder == "unit_norm":
             with torch.no_grad():
                 sae.W_dec /= sae.W_dec.norm(dim=1, keepdim=True)
+        problems = self._parameter_problems()
+        if problems:  # the update cannot be taken back: stop before anything is saved
+            raise self._stop(self.step + 1, [f"after the update, {problems[0]}"] + problems[1:],
+                             skippable=False)
         fired, max_count = self._fired(x, out), out.max_count
         if cfg.parallel == "data":
             fired, max_count = distributed.any_fired(fired, max_count)
@@ -274,16 +382,16 @@ class Trainer:
         self.since_fired[fired] = 0
         self.step += 1
         self.tokens += n
+        return self._record(stats, lr, t0)
+
+    def _record(self, stats: list, lr: float, t0: float) -> dict:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-        dead = (self.since_fired >= cfg.dead_after_tokens).sum()
-        if cfg.parallel == "feature":
-            torch.distributed.all_reduce(dead)
         loss, mse, sparsity, aux, l0 = stats
         return {"step": self.step, "tokens": self.tokens, "loss": loss, "mse": mse,
                 "sparsity": sparsity, "aux": aux, "l0": l0, "lr": lr,
-                "sparsity_scale": cfg.sparsity_scale(self.step - 1),
-                "dead_fraction": float(dead) / cfg.d_sae,
+                "sparsity_scale": self.cfg.sparsity_scale(self.step - 1),
+                "dead_fraction": self._dead_fraction(),
                 "step_ms": 1e3 * (time.perf_counter() - t0)}
 
     @torch.no_grad()
@@ -292,7 +400,7 @@ class Trainer:
         acts = out.acts
         if acts is None:  # the dense path ran (L0 near d_sae): find the firing features
             s = self.sae
-            acts = ops.gated_encode(*self._in_compute_dtype(x, s.W_enc, s.b_dec, s.b_gate,
+            acts = ops.gated_encode(*self._incompute_dtype(x, s.W_enc, s.b_dec, s.b_gate,
                                                             s.r_mag, s.b_mag),
                                     backend=s._backend_for(x))
         return torch.bincount(acts.idx[acts.mask()].long(), minlength=self.sae.d_sae) > 0
@@ -302,8 +410,31 @@ class Trainer:
     def train(self, progress: Optional[Callable[[int, int, dict], None]] = None,
               stop_after: Optional[int] = None) -> list[dict]:
         """Run to ``cfg.steps`` (or ``stop_after`` more steps); returns the log records.
-        ``progress(step, steps, record)`` is called after every step."""
+        ``progress(step, steps, record)`` is called after every step. On an error the run
+        folder is released (the last checkpoint is what a resume continues from)."""
         cfg = self.cfg
+        if self.out_dir is not None:
+            self._acquire()  # again, if a failed train() released it
+        try:
+            records = self._train(progress, stop_after)
+            if self.out_dir:
+                self.save_checkpoint(self.checkpoint_path)
+                if self.step >= cfg.steps and self.rank == 0:
+                    sae = (checkpoints.gathered_sae(self.checkpoint_path, cfg.backend)
+                           if cfg.parallel == "feature" else self.sae)
+                    sae.save_pretrained(os.path.join(self.out_dir, "sae"))
+                self._barrier()
+        except BaseException:
+            self.close()
+            raise
+        return records
+
+    def _train(self, progress, stop_after) -> list[dict]:
+        cfg = self.cfg
+        problems = self._parameter_problems()
+        if problems:
+            raise FloatingPointError(f"before step {self.step + 1}: {'; '.join(problems)}: "
+                                     f"the parameters must be finite to train")
         log_f = (open(os.path.join(self.out_dir, "log.jsonl"), "a")
                  if self.out_dir and self.rank == 0 else None)
         records = []
@@ -316,10 +447,11 @@ class Trainer:
                     raise RuntimeError(f"the data ran out after {self.tokens} tokens, at step "
                                        f"{self.step} of {cfg.steps}") from None
                 rec = self.train_step(x)
-                if rec["loss"] != rec["loss"]:  # NaN: stop and say so, rather than train on
-                    raise FloatingPointError(f"the loss is NaN at step {self.step}")
                 records.append(rec)
-                if log_f is not None and (self.step % cfg.log_every == 0 or self.step == end):
+                # Whole lines appended and flushed: a kill tears at most the last one, which
+                # a resume drops (load_checkpoint rewrites the log atomically).
+                if log_f is not None and (self.step % cfg.log_every == 0 or self.step == end
+                                          or "skipped" in rec):
                     log_f.write(json.dumps(rec) + "\n")
                     log_f.flush()
                 if progress is not None:
@@ -329,13 +461,6 @@ class Trainer:
         finally:
             if log_f is not None:
                 log_f.close()
-        if self.out_dir:
-            self.save_checkpoint(self.checkpoint_path)
-            if self.step >= cfg.steps and self.rank == 0:
-                sae = (distributed.gathered_sae(self.checkpoint_path, cfg.backend)
-                       if cfg.parallel == "feature" else self.sae)
-                sae.save_pretrained(os.path.join(self.out_dir, "sae"))
-            self._barrier()
         return records
 
     # -- checkpoints ---------------------------------------------------------------------------
@@ -348,11 +473,13 @@ class Trainer:
         return {"config": asdict(self.cfg), "step": self.step, "tokens": self.tokens,
                 "sae": self.sae.state_dict(), "optimizer": self.opt.state_dict(),
                 "since_fired": self.since_fired, "capacity": self.capacity, "rng": rng,
-                "data": data, "d_in": self.sae.d_in}
+                "data": data, "d_in": self.sae.d_in, "skipped": self.skipped}
 
     def save_checkpoint(self, path: str) -> None:
         """One file (rank 0 in "data" mode), or one per rank and ``path`` last ("feature":
-        gsae_fast.distributed.save_sharded); every rank calls it."""
+        gsae_fast.distributed.save_sharded); every rank calls it. Atomic, with its sha256
+        (gsae_fast.checkpoints.write_checkpoint): a kill or a full disk leaves the previous
+        checkpoint whole."""
         state = self.state_dict()
         if self.cfg.parallel != "none":  # every rank's data position (each reads its stream)
             # to rank 0 only, which writes them: a mixing buffer's position holds its buffer
@@ -363,34 +490,64 @@ class Trainer:
             state["data_per_rank"] = per_rank
         if self.cfg.parallel == "feature":
             distributed.save_sharded(state, path, self.features, self.cfg.d_sae)
-            return
-        if self.rank == 0:
-            tmp = path + ".tmp"
-            torch.save(state, tmp)
-            os.replace(tmp, path)  # a kill mid-write leaves the previous checkpoint intact
-        self._barrier()
+        else:
+            if self.rank == 0:
+                checkpoints.write_checkpoint(state, path)
+            self._barrier()
+        self.saved_step = self.step
 
     def _check_config(self, state: dict, path: str) -> None:
+        """The checkpoint's configuration must be this one, but for RESUME_FREE fields and
+        ``steps`` / ``decay_start`` where the lr of the steps already taken stays the same."""
         mine = asdict(self.cfg)
-        theirs = dict(state["config"])
-        theirs["betas"] = tuple(theirs["betas"])
-        mine["betas"] = tuple(mine["betas"])
-        for c in (mine, theirs):  # how the run is spread is not part of what it computes
-            c.pop("parallel", None)
+        # fields added since the checkpoint was written take their defaults
+        theirs = dict(asdict(TrainConfig()), **state["config"])
+        for c in (mine, theirs):
+            c["betas"] = tuple(c["betas"])
+            for k in RESUME_FREE:
+                c.pop(k)
+        old, new = ((c.pop("steps"), c.pop("decay_start")) for c in (theirs, mine))
         if theirs != mine or state["d_in"] != self.sae.d_in:
             diff = {k: (theirs.get(k), mine.get(k)) for k in set(theirs) | set(mine)
                     if theirs.get(k) != mine.get(k)}
+            if state["d_in"] != self.sae.d_in:
+                diff["d_in"] = (state["d_in"], self.sae.d_in)
             raise ValueError(f"{path} was made with a different configuration: {diff}")
+        if old != new:
+            self._check_schedule(path, state["step"], old, new)
+
+    def _check_schedule(self, path: str, step: int, old: tuple, new: tuple) -> None:
+        """A new ``steps`` / ``decay_start`` on resume: allowed when the lr of the steps already
+        taken (0 .. step-1) is the same under both (the decay, which depends on them, had not
+        lowered it), so that the run equals an uninterrupted one with the new setting."""
+        (old_steps, old_decay), (new_steps, new_decay) = old, new
+        if step > new_steps:
+            raise ValueError(f"{path} is at step {step}, past steps={new_steps}: give "
+                             f"--steps {step} or more")
+        if old_decay is not None and old_decay + 1 < step:
+            raise ValueError(
+                f"{path} is at step {step} and its lr has decayed since step {old_decay} toward "
+                f"step {old_steps}: another --steps or --decay-start would change the steps "
+                f"already taken; resume with --steps {old_steps} --decay-start {old_decay}, or "
+                f"start a new run (--overwrite) with a later --decay-start")
+        if new_decay is not None and new_decay + 1 < step:
+            raise ValueError(f"--decay-start {new_decay} is before {path}'s step {step}, which "
+                             f"ran without the decay: give --decay-start {step} or later")
+        self.notes.append(f"resumed at step {step} with steps={new_steps}, decay_start="
+                          f"{new_decay} (the checkpoint had {old_steps}, {old_decay}); the lr "
+                          f"of the steps already taken is the same under both")
 
     def load_checkpoint(self, path: str) -> None:
         """A checkpoint of any parallel mode and number of ranks (resharded as needed)."""
         # On the CPU: the RNG states must stay CPU byte tensors (load_state_dict moves the rest).
         features = self.features if self.cfg.parallel == "feature" else None
-        state = distributed.read_checkpoint(path, features,
+        state = checkpoints.read_checkpoint(path, features,
                                             check=lambda s: self._check_config(s, path))
         self.sae.load_state_dict(state["sae"])
         self.opt.load_state_dict(state["optimizer"])
         self.step, self.tokens = state["step"], state["tokens"]
+        self.skipped = state.get("skipped", 0)
+        self.saved_step = self.step
         self.since_fired = state["since_fired"].to(self.device)
         self.capacity = state["capacity"]
         torch.set_rng_state(state["rng"]["cpu"])
@@ -408,6 +565,7 @@ class Trainer:
             log = os.path.join(self.out_dir, "log.jsonl")
             if os.path.exists(log):
                 with open(log) as f:
-                    keep = [line for line in f if _logged_step(line) <= self.step]
-                with open(log, "w") as f:
-                    f.writelines(keep)
+                    lines = f.readlines()
+                keep = [line for line in lines if _logged_step(line) <= self.step]
+                if keep != lines:  # atomically: a kill now must not lose the kept lines
+                    files.write_text("".join(keep), log)

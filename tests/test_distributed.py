@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conftest import make_params, make_x, rel_err
-from gsae_fast import GatedSAE, cli, distributed, reference
+from gsae_fast import GatedSAE, checkpoints, cli, distributed, reference
 from gsae_fast.distributed import FEATURE_DIM, RankShard, feature_range
 from gsae_fast.synthetic import SyntheticConfig, SyntheticFeatures
 from gsae_fast.train import TrainConfig, Trainer
@@ -285,8 +285,9 @@ def test_sharded_checkpoint_loads_in_one_process(run, tmp_path):
     unbroken run; the rank files and the commit point are as documented."""
     root = run["root"]
     files = sorted(os.listdir(os.path.join(root, "feature_half")))
-    assert files == ["checkpoint-00000005.rank0-of-2.pt", "checkpoint-00000005.rank1-of-2.pt",
-                     "checkpoint.pt", "log.jsonl"]
+    assert files == [".lock", "checkpoint-00000005.rank0-of-2.pt",
+                     "checkpoint-00000005.rank1-of-2.pt", "checkpoint.pt", "checkpoint.pt.sha256",
+                     "log.jsonl"]
     shutil.copytree(os.path.join(root, "feature_half"), tmp_path / "run")
     with float64():
         tr = Trainer(config(**RUNS["A"][0]), D_IN, Stream(),
@@ -423,10 +424,10 @@ def test_sharded_checkpoint_resliced_for_other_rank_counts(run):
     the slices put together are the whole checkpoint, Adam moments and dead counters too; an
     export reads no Adam state."""
     path = os.path.join(run["root"], "feature_half", "checkpoint.pt")
-    whole = distributed.read_checkpoint(path)
+    whole = checkpoints.read_checkpoint(path)
     names = list(whole["sae"])
     for world in (3, 4):
-        parts = [distributed.read_checkpoint(path, feature_range(D_SAE, r, world))
+        parts = [checkpoints.read_checkpoint(path, feature_range(D_SAE, r, world))
                  for r in range(world)]
         for i, name in enumerate(names):
             dim = FEATURE_DIM.get(name)
@@ -437,7 +438,7 @@ def test_sharded_checkpoint_resliced_for_other_rank_counts(run):
                 assert all(torch.equal(g, get(whole)) for g in got), (world, name)
         assert torch.equal(torch.cat([p["since_fired"] for p in parts]), whole["since_fired"])
         assert all(p["step"] == 5 and "features" not in p for p in parts)
-    bare = distributed.read_checkpoint(path, optimizer=False)
+    bare = checkpoints.read_checkpoint(path, optimizer=False)
     assert "optimizer" not in bare
     assert all(torch.equal(bare["sae"][k], whole["sae"][k]) for k in names)
 
@@ -475,7 +476,7 @@ def test_resume_with_fewer_gpus_than_saved_rng_states(monkeypatch, tmp_path):
     Trainer(config(), D_IN, Stream(), str(tmp_path)).train(stop_after=1)
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     state["rng"]["cuda"] = [torch.zeros(16, dtype=torch.uint8) + i for i in range(8)]
-    torch.save(state, tmp_path / "checkpoint.pt")
+    checkpoints.write_checkpoint(state, str(tmp_path / "checkpoint.pt"))  # with its digest
     got = []
 
     def set_all(states):  # torch's: set_rng_state(s, i) looks up default_generators[i]
