@@ -7,7 +7,9 @@
     gsae-fast eval run/sae --cache acts/ [--model DIR --data a.txt --layer resid:6]
 
 Every TrainConfig field is a ``train`` flag (``--d-sae``, ``--lr``, ...), with the help and
-choices its field declares; ``--resume`` continues a run from its ``checkpoint.pt``.
+choices its field declares; ``--resume`` continues a run from its ``checkpoint.pt``;
+``--config FILE`` reads the flags from a JSON (or YAML) file, by their field and option names
+(``{"d_sae": 4096, "lr": 1e-4, "cache": "acts/", "out": "run/"}``), the command line winning.
 
 This module parses the flags and calls the library: the demo is :mod:`gsae_fast.demo`, the
 data :mod:`gsae_fast.data.sources`, training :mod:`gsae_fast.train`, the metrics and the CE
@@ -16,7 +18,9 @@ loss recovered :mod:`gsae_fast.metrics`, the studies :mod:`gsae_fast.study`.
 from __future__ import annotations
 
 import argparse
+import difflib
 import errno
+import json
 import os
 import sys
 from dataclasses import fields
@@ -59,12 +63,14 @@ def _loaded_model(args):
 
 def cache(args) -> dict:
     model, tokenizer = _loaded_model(args)
-    bar = Progress(args.max_tokens or 0, "cache", enabled=not args.quiet and bool(args.max_tokens))
+    # a bar against --max-tokens; without it, the running count and rate
+    bar = Progress(args.max_tokens, "cache", enabled=not args.quiet, unit="tokens")
     out = sources.write_model_cache(
         model, tokenizer, args.data, args.layer, args.out, model_name=args.model,
         context_len=args.context_len, batch_contexts=args.batch_contexts, dtype=args.dtype,
         shard_tokens=args.shard_tokens, max_tokens=args.max_tokens, overwrite=args.overwrite,
         progress=lambda n, total: bar(n, total))
+    bar.finish(out["n_tokens"])
     _say(f"wrote {out['n_tokens']} activations of width {out['d_in']} ({args.dtype}) from "
          f"{out['metadata']['layer']} to {args.out}")
     return out
@@ -255,17 +261,25 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cache)
 
     t = sub.add_parser("train", help="train a Gated SAE from a cache or a model")
+    t.add_argument("--config", metavar="FILE", help=(
+        "a JSON file (or .yaml/.yml with PyYAML installed) of train options by name: the "
+        "TrainConfig fields and this command's other options, underscored, e.g. "
+        '{"d_sae": 4096, "lr": 1e-4, "steps": 2000, "cache": "acts/", "out": "run/"}; '
+        "flags given on the command line override it; paths are relative to the working "
+        "directory"))
     t.add_argument("--cache", help="an activation cache (gsae-fast cache)")
     model_flags(t)
     t.add_argument("--buffer-tokens", type=int, default=2 ** 16,
                    help="mixing buffer size (from a model)")
     t.add_argument("--out", required=True)
-    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    t.add_argument("--overwrite", action="store_true", help="replace a run already in OUT")
+    # --no-X as well: a flag undoes what a --config file turned on
+    on_off = dict(action=argparse.BooleanOptionalAction, default=False)
+    t.add_argument("--resume", **on_off, help="continue from OUT/checkpoint.pt")
+    t.add_argument("--overwrite", **on_off, help="replace a run already in OUT")
     t.add_argument("--eval-tokens", type=int, default=2 ** 16)
     t.add_argument("--ce-contexts", type=int, default=32)
     t.add_argument("--device", default=device)
-    t.add_argument("--quiet", action="store_true")
+    t.add_argument("--quiet", **on_off, help="no progress bar")
     _add_train_config_flags(t)
     t.set_defaults(func=train)
 
@@ -301,6 +315,134 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# ------------------------------------------------------------------------------- --config FILE
+
+
+class ConfigError(ValueError):
+    """A --config file that cannot be used: the message names the file (and the key)."""
+
+
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices[name]
+    raise KeyError(name)
+
+
+def _read_config(path: str) -> dict:
+    """The mapping in a JSON file (YAML for .yaml/.yml, when PyYAML is installed)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read it: {e.strerror or e}") from None
+    if path.lower().endswith((".yaml", ".yml")):
+        try:
+            import yaml
+        except ImportError:
+            raise ConfigError(f"{path}: YAML needs PyYAML, which is not installed (pip install "
+                              f"pyyaml); or give the options as JSON") from None
+        try:
+            values = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+    else:
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON: {e}") from None
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of option names to values, got "
+                          f"{type(values).__name__}")
+    return values
+
+
+_TYPE_NAMES = {int: "an int", float: "a number", str: "a string"}
+
+
+def _config_value(path: str, key: str, value, action: argparse.Action, yaml: bool = False):
+    """``value`` checked against the option ``action`` parses, in the type it gives. In YAML a
+    number such as 1e-4 reads as a string (YAML 1.1 wants 1.0e-4): taken as the number."""
+    def refuse(expected):
+        got = json.dumps(value, default=str)
+        raise ConfigError(f"{path}: {key!r} must be {expected}, got {got}")
+
+    def scalar(v, typ):
+        if typ is float and isinstance(v, (int, float)) and not isinstance(v, bool):
+            return float(v)
+        if typ is float and yaml and isinstance(v, str):
+            try:
+                return float(v)
+            except ValueError:
+                return None
+        if isinstance(v, typ) and not isinstance(v, bool):
+            return v
+        return None
+
+    if value is None and action.default is None:  # an option that may be left unset
+        return None
+    if action.nargs == 0:  # --flag / --no-flag, store_true
+        if not isinstance(value, bool):
+            refuse("true or false")
+        return value
+    typ = action.type or str
+    name = _TYPE_NAMES.get(typ, typ.__name__)
+    if isinstance(action.nargs, int):  # a fixed number of values
+        items = [scalar(v, typ) for v in value] if isinstance(value, (list, tuple)) else None
+        if items is None or len(items) != action.nargs or None in items:
+            refuse(f"a list of {action.nargs} values, each {name}")
+        return items
+    if action.nargs in ("+", "*"):  # a list (one value may be given alone)
+        items = [scalar(v, typ) for v in (value if isinstance(value, list) else [value])]
+        if None in items or (action.nargs == "+" and not items):
+            refuse(f"{name} or a list of them")
+        return items
+    v = scalar(value, typ)
+    if v is None:
+        refuse(name)
+    if action.choices is not None and v not in action.choices:
+        refuse("one of " + ", ".join(map(str, action.choices)))
+    return v
+
+
+def config_defaults(path: str, parser: argparse.ArgumentParser) -> dict:
+    """The options of the --config file ``path``, checked against ``parser``'s (by dest
+    name), in the types its flags give: one ConfigError naming the file and the first bad
+    key."""
+    actions = {a.dest: a for a in parser._actions
+               if a.dest not in ("help", "config") and a.dest is not argparse.SUPPRESS}
+    out = {}
+    for key, value in _read_config(path).items():
+        if key not in actions:
+            close = difflib.get_close_matches(str(key).replace("-", "_"), actions, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{path}: unknown key {key!r}{hint}")
+        out[key] = _config_value(path, key, value, actions[key],
+                                 yaml=path.lower().endswith((".yaml", ".yml")))
+    return out
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line; for ``train --config FILE``, the file's options are the defaults that
+    the flags given override (a required flag the file gives is no longer required)."""
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:
+        pre = argparse.ArgumentParser(prog="gsae-fast train", add_help=False)
+        pre.add_argument("--config")
+        path = pre.parse_known_args(argv[1:])[0].config
+        if path:
+            t = _subparser(parser, "train")
+            values = config_defaults(path, t)
+            for action in t._actions:
+                if action.dest in values:
+                    action.required = False
+            t.set_defaults(**values)
+    return parser.parse_args(argv)
+
+
 # Errors of the file system that are the user's to fix (a full disk, a folder that cannot be
 # written, a path that is a file): their message names the path. Other OSErrors are bugs.
 USER_OS_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS,
@@ -308,7 +450,11 @@ USER_OS_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.E
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except ConfigError as e:  # one line, as for the other errors of the input
+        print(f"gsae-fast train: error: {e}", file=sys.stderr)
+        return 2
     try:
         args.func(args)
     except (ValueError, RuntimeError, FloatingPointError, OSError) as e:

@@ -112,3 +112,81 @@ def test_bad_input_gets_a_clear_error(tiny, tmp_path, capsys):
     assert cli.main(["eval", str(tmp_path / "narrow"), "--cache", str(tmp_path / "acts")]) == 2
     err = capsys.readouterr().err
     assert "width" in err or "d_in" in err, err
+
+
+def test_train_config_file_and_flags_over_it(tiny, tmp_path, capsys):
+    """--config FILE gives the train options by name (TrainConfig fields and the command's
+    other options, --out among them); a flag on the command line wins over the file."""
+    run("cache", "--model", tiny / "model", "--data", tiny / "texts.txt", "--layer", "resid:0",
+        "--context-len", 32, "--max-tokens", 500, "--out", tmp_path / "acts", "--quiet")
+    cfg = {"cache": str(tmp_path / "acts"), "out": str(tmp_path / "run"), "d_sae": 24,
+           "steps": 2, "batch_size": 100, "lr": 1e-3, "betas": [0.5, 0.99], "warmup_steps": 1,
+           "sparsity_warmup_steps": 1, "log_every": 1, "eval_tokens": 100, "quiet": True}
+    (tmp_path / "run.json").write_text(json.dumps(cfg))
+    args = cli.parse_args(["train", "--config", str(tmp_path / "run.json"), "--steps", "4"])
+    assert (args.d_sae, args.steps, args.lr, args.quiet) == (24, 4, 1e-3, True)
+    assert args.out == str(tmp_path / "run") and args.betas == [0.5, 0.99]
+    args = cli.parse_args(["train", "--config", str(tmp_path / "run.json"), "--no-quiet",
+                           "--out", "elsewhere"])
+    assert args.out == "elsewhere" and args.quiet is False
+    run("train", "--config", tmp_path / "run.json", "--steps", 4)
+    assert len(open(tmp_path / "run" / "log.jsonl").readlines()) == 4  # the flag's 4, not 2
+    sae_cfg = json.loads((tmp_path / "run" / "sae" / "cfg.json").read_text())
+    assert sae_cfg["d_sae"] == 24  # the file's
+    pytest.importorskip("yaml")
+    (tmp_path / "run.yaml").write_text("d_sae: 40\nlr: 1e-4\ndata: a.txt\nout: r\n")
+    args = cli.parse_args(["train", "--config", str(tmp_path / "run.yaml")])
+    assert (args.d_sae, args.lr, args.data, args.out) == (40, 1e-4, ["a.txt"], "r")
+
+
+@pytest.mark.parametrize("content, message", [
+    ({"d_sea": 4096}, "run.json: unknown key 'd_sea' (did you mean 'd_sae'?)"),
+    ({"steps": "many"}, "run.json: 'steps' must be an int, got \"many\""),
+    ({"lr": True}, "run.json: 'lr' must be a number, got true"),
+    ({"betas": [0.9]}, "run.json: 'betas' must be a list of 2 values, each a number, got [0.9]"),
+    ({"decoder": "unit"}, "run.json: 'decoder' must be one of unit_norm, norm_penalty, got "
+                          "\"unit\""),
+    ({"quiet": "yes"}, "run.json: 'quiet' must be true or false, got \"yes\""),
+    ([1, 2], "run.json: expected a mapping of option names to values, got list"),
+])
+def test_train_config_file_refused(tmp_path, monkeypatch, capsys, content, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run.json").write_text(json.dumps(content))
+    assert cli.main(["train", "--config", "run.json", "--out", "r"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"gsae-fast train: error: {message}\n"
+    assert not (tmp_path / "r").exists()
+
+
+def test_train_config_yaml_without_pyyaml(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(__import__("sys").modules, "yaml", None)  # import yaml fails
+    (tmp_path / "run.yml").write_text("d_sae: 8\n")
+    assert cli.main(["train", "--config", str(tmp_path / "run.yml"), "--out", "r"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "run.yml" in err and "PyYAML" in err and "JSON" in err
+
+
+def test_cache_progress_without_max_tokens(tiny, tmp_path, capsys):
+    """Without --max-tokens (no total to draw a bar against) cache shows a running count of
+    the tokens and their rate, ending with the count written."""
+    run("cache", "--model", tiny / "model", "--data", tiny / "texts.txt", "--layer", "resid:0",
+        "--context-len", 32, "--out", tmp_path / "acts")
+    n = json.loads((tmp_path / "acts" / "meta.json").read_text())["n_tokens"]
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("cache ")]
+    assert lines and all(" tokens/s" in line for line in lines)
+    assert lines[-1].startswith(f"cache {n} tokens ")
+
+
+def test_progress_count_without_a_total():
+    import io
+
+    from gsae_fast.progress import Progress
+    out = io.StringIO()
+    bar = Progress(None, "cache", stream=out, unit="tokens", every=3600)
+    bar(100)
+    bar(200)  # within `every` seconds of the last line: not written
+    bar.finish(300)
+    lines = out.getvalue().splitlines()
+    assert [line.split()[:3] for line in lines] == [["cache", "100", "tokens"],
+                                                    ["cache", "300", "tokens"]]
+    assert all(line.split()[-1] == "tokens/s" for line in lines)
