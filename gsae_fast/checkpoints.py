@@ -120,14 +120,6 @@ def _recorded(sidecar: str) -> list:
         return [line.split()[0] for line in f if line.strip()]
 
 
-def file_sha256(path: str) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            sha.update(chunk)
-    return sha.hexdigest()
-
-
 def _damage(path: str) -> Optional[str]:
     """What is wrong with a checkpoint file, as far as its container tells (torch's files are
     zip archives: a truncated one has no central directory, a changed byte fails its CRC);
@@ -153,7 +145,7 @@ def verify_file(path: str, want: Optional[str] = None) -> None:
     if not wanted or any(len(d) != 64 for d in wanted):
         raise CheckpointError(f"{sidecar} does not hold sha256 digests: delete it to resume "
                               f"from {path} unchecked")
-    if file_sha256(path) in wanted:
+    if files.file_sha256(path) in wanted:
         return
     fix = "restore it from a copy or start over (--overwrite)"
     damage = _damage(path)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import uuid
@@ -93,6 +94,16 @@ def write_json(obj, path: str, indent: Optional[int] = 1) -> None:
 def write_text(text: str, path: str) -> None:
     with atomic_write(path, "w") as f:
         f.write(text)
+
+
+def file_sha256(path: str, chunk_bytes: int = 1 << 22) -> str:
+    """The SHA-256 of the file at ``path`` (what ``sha256sum`` prints), read in chunks (the
+    integrity checks of checkpoints and cache shards)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk_bytes), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 class FolderInUseError(RuntimeError):

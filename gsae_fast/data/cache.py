@@ -14,7 +14,7 @@ from typing import Callable, Iterable, Optional
 import numpy as np
 import torch
 
-from ..files import TMP_SUFFIX, atomic_write, write_json
+from ..files import TMP_SUFFIX, atomic_write, file_sha256, write_json
 from ..hooks import torch_dtype
 from .text import PathLike
 
@@ -54,17 +54,6 @@ _CACHE_FILE = re.compile(r"(meta\.json|shard_\d+\.npy)(\.tmp)?"
 
 def _is_cache_file(name: str) -> bool:
     return _CACHE_FILE.fullmatch(name) is not None
-
-
-def file_sha256(path: str, chunk_bytes: int = 1 << 22) -> str:
-    """The SHA-256 of the file at ``path`` (what ``sha256sum`` prints), read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(chunk_bytes)
-            if not block:
-                return h.hexdigest()
-            h.update(block)
 
 
 class _ShardWriter:
