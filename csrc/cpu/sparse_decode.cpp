@@ -26,36 +26,6 @@ void check_decode_inputs(const at::Tensor& idx, const at::Tensor& val, const at:
 }
 
 template <typename scalar_t, typename acc_t>
-void decode_impl(const at::Tensor& idx_t, const at::Tensor& val_t, const at::Tensor& counts_t,
-                 const at::Tensor& W_dec, const scalar_t* bias, at::Tensor& out_t) {
-  const int64_t B = idx_t.size(0), K = idx_t.size(1), d_sae = W_dec.size(0), d_in = W_dec.size(1);
-  const int32_t* idx = idx_t.data_ptr<int32_t>();
-  const int32_t* counts = counts_t.data_ptr<int32_t>();
-  const acc_t* val = val_t.data_ptr<acc_t>();
-  const scalar_t* W = W_dec.data_ptr<scalar_t>();
-  scalar_t* out = out_t.data_ptr<scalar_t>();
-  at::parallel_for(0, B, 16, [&](int64_t t0, int64_t t1) {
-    std::vector<acc_t> acc(d_in);
-    for (int64_t t = t0; t < t1; ++t) {
-      for (int64_t d = 0; d < d_in; ++d) acc[d] = bias ? static_cast<acc_t>(bias[d]) : acc_t(0);
-      const int64_t c = counts[t];
-      TORCH_CHECK(c >= 0 && c <= K, "gsae_fast.sparse_decode: counts[", t, "] = ", c,
-                  " is outside [0, ", K, "]");
-      for (int64_t k = 0; k < c; ++k) {
-        const int64_t i = idx[t * K + k];
-        TORCH_CHECK(i >= 0 && i < d_sae, "gsae_fast.sparse_decode: feature index ", i,
-                    " is outside [0, ", d_sae, ")");
-        const acc_t v = val[t * K + k];
-        const scalar_t* row = W + i * d_in;
-        for (int64_t d = 0; d < d_in; ++d) acc[d] += v * static_cast<acc_t>(row[d]);
-      }
-      scalar_t* o = out + t * d_in;
-      for (int64_t d = 0; d < d_in; ++d) o[d] = static_cast<scalar_t>(acc[d]);
-    }
-  });
-}
-
-template <typename scalar_t, typename acc_t>
 void decode_backward_impl(const at::Tensor& go_t, const at::Tensor& idx_t, const at::Tensor& val_t,
                           const at::Tensor& counts_t, const at::Tensor& W_dec, bool need_val,
                           bool need_W, at::Tensor& gval_t, at::Tensor& gW_t) {
@@ -111,48 +81,54 @@ void decode_backward_impl(const at::Tensor& go_t, const at::Tensor& idx_t, const
   }
 }
 
-// The pair decode (x_hat and the auxiliary reconstruction of the Gated SAE loss): each used row
-// of W_dec is read once for both outputs (two accumulators), and once in the backward for both
-// value gradients (two dot products). Each output's sums run in the order of decode_impl.
-template <typename scalar_t, typename acc_t>
-void decode_pair_impl(const at::Tensor& idx_t, const at::Tensor& va_t, const at::Tensor& vb_t,
-                      const at::Tensor& counts_t, const at::Tensor& W_dec, const scalar_t* bias,
-                      at::Tensor& out_a_t, at::Tensor& out_b_t) {
-  const char* op = "gsae_fast.sparse_decode_pair";
+// out_a[t] = sum_k val_a[t, k] W_dec[idx[t, k]] (+ bias), and with kPair out_b likewise from
+// val_b (x_hat and the auxiliary reconstruction of the Gated SAE loss): each used row of W_dec is
+// read once for both outputs (two accumulators); each output's sums run over k in order.
+template <typename scalar_t, typename acc_t, bool kPair>
+void decode_impl(const char* op, const at::Tensor& idx_t, const at::Tensor& va_t,
+                 const at::Tensor& vb_t, const at::Tensor& counts_t, const at::Tensor& W_dec,
+                 const scalar_t* bias, at::Tensor& out_a_t, at::Tensor& out_b_t) {
   const int64_t B = idx_t.size(0), K = idx_t.size(1), d_sae = W_dec.size(0), d_in = W_dec.size(1);
   const int32_t* idx = idx_t.data_ptr<int32_t>();
   const int32_t* counts = counts_t.data_ptr<int32_t>();
   const acc_t* va = va_t.data_ptr<acc_t>();
-  const acc_t* vb = vb_t.data_ptr<acc_t>();
+  const acc_t* vb = kPair ? vb_t.data_ptr<acc_t>() : nullptr;
   const scalar_t* W = W_dec.data_ptr<scalar_t>();
   scalar_t* out_a = out_a_t.data_ptr<scalar_t>();
-  scalar_t* out_b = out_b_t.data_ptr<scalar_t>();
+  scalar_t* out_b = kPair ? out_b_t.data_ptr<scalar_t>() : nullptr;
   at::parallel_for(0, B, 16, [&](int64_t t0, int64_t t1) {
-    std::vector<acc_t> acc_a(d_in), acc_b(d_in);
+    std::vector<acc_t> acc_a(d_in), acc_b(kPair ? d_in : 0);
     for (int64_t t = t0; t < t1; ++t) {
-      for (int64_t d = 0; d < d_in; ++d)
-        acc_a[d] = acc_b[d] = bias ? static_cast<acc_t>(bias[d]) : acc_t(0);
+      for (int64_t d = 0; d < d_in; ++d) {
+        acc_a[d] = bias ? static_cast<acc_t>(bias[d]) : acc_t(0);
+        if constexpr (kPair) acc_b[d] = acc_a[d];
+      }
       const int64_t c = counts[t];
       TORCH_CHECK(c >= 0 && c <= K, op, ": counts[", t, "] = ", c, " is outside [0, ", K, "]");
       for (int64_t k = 0; k < c; ++k) {
         const int64_t i = idx[t * K + k];
         TORCH_CHECK(i >= 0 && i < d_sae, op, ": feature index ", i, " is outside [0, ", d_sae,
                     ")");
-        const acc_t a = va[t * K + k], b = vb[t * K + k];
+        const acc_t a = va[t * K + k];
         const scalar_t* row = W + i * d_in;
         acc_t* __restrict__ pa = acc_a.data();
-        acc_t* __restrict__ pb = acc_b.data();
-        for (int64_t d = 0; d < d_in; ++d) {
-          const acc_t w = static_cast<acc_t>(row[d]);
-          pa[d] += a * w;
-          pb[d] += b * w;
+        if constexpr (kPair) {
+          const acc_t b = vb[t * K + k];
+          acc_t* __restrict__ pb = acc_b.data();
+          for (int64_t d = 0; d < d_in; ++d) {
+            const acc_t w = static_cast<acc_t>(row[d]);
+            pa[d] += a * w;
+            pb[d] += b * w;
+          }
+        } else {
+          for (int64_t d = 0; d < d_in; ++d) pa[d] += a * static_cast<acc_t>(row[d]);
         }
       }
       scalar_t* oa = out_a + t * d_in;
-      scalar_t* ob = out_b + t * d_in;
-      for (int64_t d = 0; d < d_in; ++d) {
-        oa[d] = static_cast<scalar_t>(acc_a[d]);
-        ob[d] = static_cast<scalar_t>(acc_b[d]);
+      for (int64_t d = 0; d < d_in; ++d) oa[d] = static_cast<scalar_t>(acc_a[d]);
+      if constexpr (kPair) {
+        scalar_t* ob = out_b + t * d_in;
+        for (int64_t d = 0; d < d_in; ++d) ob[d] = static_cast<scalar_t>(acc_b[d]);
       }
     }
   });
@@ -283,8 +259,8 @@ at::Tensor sparse_decode_cpu(const at::Tensor& idx, const at::Tensor& val,
   at::Tensor out = at::empty({B, d_in}, W_dec.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, W_dec.scalar_type(),
                                   "sparse_decode_cpu", [&] {
-    decode_impl<scalar_t, at::opmath_type<scalar_t>>(
-        idx, val, counts, W_dec, bias ? bias->data_ptr<scalar_t>() : nullptr, out);
+    decode_impl<scalar_t, at::opmath_type<scalar_t>, false>(
+        op, idx, val, val, counts, W_dec, bias ? bias->data_ptr<scalar_t>() : nullptr, out, out);
   });
   return out;
 }
@@ -333,8 +309,8 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_pair_cpu(
   at::Tensor out_b = at::empty({B, d_in}, W_dec.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, W_dec.scalar_type(),
                                   "sparse_decode_pair_cpu", [&] {
-    decode_pair_impl<scalar_t, at::opmath_type<scalar_t>>(
-        idx, val_a, val_b, counts, W_dec, bias ? bias->data_ptr<scalar_t>() : nullptr, out_a,
+    decode_impl<scalar_t, at::opmath_type<scalar_t>, true>(
+        op, idx, val_a, val_b, counts, W_dec, bias ? bias->data_ptr<scalar_t>() : nullptr, out_a,
         out_b);
   });
   return {out_a, out_b};
