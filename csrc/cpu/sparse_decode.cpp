@@ -25,62 +25,6 @@ void check_decode_inputs(const at::Tensor& idx, const at::Tensor& val, const at:
     check_cpu_contiguous(*t, op, name);
 }
 
-template <typename scalar_t, typename acc_t>
-void decode_backward_impl(const at::Tensor& go_t, const at::Tensor& idx_t, const at::Tensor& val_t,
-                          const at::Tensor& counts_t, const at::Tensor& W_dec, bool need_val,
-                          bool need_W, at::Tensor& gval_t, at::Tensor& gW_t) {
-  const char* op = "gsae_fast.sparse_decode_backward";
-  const int64_t B = idx_t.size(0), K = idx_t.size(1), d_sae = W_dec.size(0), d_in = W_dec.size(1);
-  const int32_t* idx = idx_t.data_ptr<int32_t>();
-  const int32_t* counts = counts_t.data_ptr<int32_t>();
-  const acc_t* val = val_t.data_ptr<acc_t>();
-  const scalar_t* W = W_dec.data_ptr<scalar_t>();
-  const scalar_t* go = go_t.data_ptr<scalar_t>();
-  // grad_out widened once per row block; both products read it many times.
-  const FeatureGroups groups =
-      need_W ? group_by_feature(idx, counts, B, K, d_sae, op) : FeatureGroups{};
-  if (need_val) {
-    acc_t* gval = gval_t.data_ptr<acc_t>();
-    at::parallel_for(0, B, 16, [&](int64_t t0, int64_t t1) {
-      std::vector<acc_t> g(d_in);
-      for (int64_t t = t0; t < t1; ++t) {
-        for (int64_t d = 0; d < d_in; ++d) g[d] = static_cast<acc_t>(go[t * d_in + d]);
-        const int64_t c = counts[t];
-        TORCH_CHECK(c >= 0 && c <= K, op, ": counts[", t, "] = ", c, " is outside [0, ", K, "]");
-        for (int64_t k = 0; k < K; ++k) {
-          acc_t dot = 0;
-          if (k < c) {
-            const int64_t i = idx[t * K + k];
-            TORCH_CHECK(i >= 0 && i < d_sae, op, ": feature index ", i, " is outside [0, ",
-                        d_sae, ")");
-            const scalar_t* row = W + i * d_in;
-#pragma omp simd reduction(+ : dot)  // lets the compiler reorder the sum into vector lanes
-            for (int64_t d = 0; d < d_in; ++d) dot += g[d] * static_cast<acc_t>(row[d]);
-          }
-          gval[t * K + k] = dot;
-        }
-      }
-    });
-  }
-  if (need_W) {
-    scalar_t* gW = gW_t.data_ptr<scalar_t>();
-    at::parallel_for(0, d_sae, 64, [&](int64_t i0, int64_t i1) {
-      std::vector<acc_t> acc(d_in);
-      for (int64_t i = i0; i < i1; ++i) {
-        std::fill(acc.begin(), acc.end(), acc_t(0));
-        for (int64_t p = groups.col_ptr[i]; p < groups.col_ptr[i + 1]; ++p) {
-          const int64_t e = groups.entries[p];
-          const acc_t v = val[e];
-          const scalar_t* g = go + (e / K) * d_in;
-          for (int64_t d = 0; d < d_in; ++d) acc[d] += v * static_cast<acc_t>(g[d]);
-        }
-        scalar_t* o = gW + i * d_in;
-        for (int64_t d = 0; d < d_in; ++d) o[d] = static_cast<scalar_t>(acc[d]);
-      }
-    });
-  }
-}
-
 // out_a[t] = sum_k val_a[t, k] W_dec[idx[t, k]] (+ bias), and with kPair out_b likewise from
 // val_b (x_hat and the auxiliary reconstruction of the Gated SAE loss): each used row of W_dec is
 // read once for both outputs (two accumulators); each output's sums run over k in order.
@@ -139,15 +83,15 @@ void decode_impl(const char* op, const at::Tensor& idx_t, const at::Tensor& va_t
 // With grad_W_dec wanted, one pass over the features does it all: row i of W_dec is read once,
 // and each of its pairs (t, k) reads the (cache-resident) gradient rows t for the two dots and
 // the two accumulations; so each used W_dec row is read once in the backward, whatever the
-// number of tokens that use it. Without it, the dots run token by token.
+// number of tokens that use it. Without it, the dots run token by token. The single decode's
+// backward is this one without the b side (need_b and W_from_b false).
 template <typename scalar_t, typename acc_t>
-void decode_pair_backward_impl(const at::Tensor& ga_t, const at::Tensor& gb_t,
+void decode_pair_backward_impl(const char* op, const at::Tensor& ga_t, const at::Tensor& gb_t,
                                const at::Tensor& idx_t, const at::Tensor& va_t,
                                const at::Tensor& vb_t, const at::Tensor& counts_t,
                                const at::Tensor& W_dec, bool need_a, bool need_b, bool need_W,
                                bool W_from_b, at::Tensor& gva_t, at::Tensor& gvb_t,
                                at::Tensor& gW_t) {
-  const char* op = "gsae_fast.sparse_decode_pair_backward";
   const int64_t B = idx_t.size(0), K = idx_t.size(1), d_sae = W_dec.size(0), d_in = W_dec.size(1);
   const int32_t* idx = idx_t.data_ptr<int32_t>();
   const int32_t* counts = counts_t.data_ptr<int32_t>();
@@ -211,12 +155,16 @@ void decode_pair_backward_impl(const at::Tensor& ga_t, const at::Tensor& gb_t,
     return;
   }
   if (!need_a && !need_b) return;
+  // The dots token by token: both from one read of each row, or the one wanted.
+  const bool both = need_a && need_b;
+  const scalar_t* g1 = need_a ? ga : gb;
+  acc_t* out1 = need_a ? gva : gvb;
   at::parallel_for(0, B, 16, [&](int64_t t0, int64_t t1) {
-    std::vector<acc_t> g_a(d_in), g_b(d_in);  // the output gradients widened once per row
+    std::vector<acc_t> g_a(d_in), g_b(both ? d_in : 0);  // the gradients widened once per row
     for (int64_t t = t0; t < t1; ++t) {
       for (int64_t d = 0; d < d_in; ++d) {
-        g_a[d] = need_a ? static_cast<acc_t>(ga[t * d_in + d]) : acc_t(0);
-        g_b[d] = need_b ? static_cast<acc_t>(gb[t * d_in + d]) : acc_t(0);
+        g_a[d] = static_cast<acc_t>(g1[t * d_in + d]);
+        if (both) g_b[d] = static_cast<acc_t>(gb[t * d_in + d]);
       }
       const int64_t c = counts[t];
       TORCH_CHECK(c >= 0 && c <= K, op, ": counts[", t, "] = ", c, " is outside [0, ", K, "]");
@@ -229,15 +177,20 @@ void decode_pair_backward_impl(const at::Tensor& ga_t, const at::Tensor& gb_t,
           TORCH_CHECK(i >= 0 && i < d_sae, op, ": feature index ", i, " is outside [0, ", d_sae,
                       ")");
           const scalar_t* row = W + i * d_in;
+          if (both) {
 #pragma omp simd reduction(+ : dot_a, dot_b)
-          for (int64_t d = 0; d < d_in; ++d) {
-            const acc_t w = static_cast<acc_t>(row[d]);
-            dot_a += pa[d] * w;
-            dot_b += pb[d] * w;
+            for (int64_t d = 0; d < d_in; ++d) {
+              const acc_t w = static_cast<acc_t>(row[d]);
+              dot_a += pa[d] * w;
+              dot_b += pb[d] * w;
+            }
+          } else {
+#pragma omp simd reduction(+ : dot_a)  // lets the compiler reorder the sum into vector lanes
+            for (int64_t d = 0; d < d_in; ++d) dot_a += pa[d] * static_cast<acc_t>(row[d]);
           }
         }
-        if (gva) gva[t * K + k] = dot_a;
-        if (gvb) gvb[t * K + k] = dot_b;
+        out1[t * K + k] = dot_a;
+        if (both) gvb[t * K + k] = dot_b;
       }
     }
   });
@@ -283,8 +236,11 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_backward_cpu(
                              : at::empty({0}, W_dec.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, W_dec.scalar_type(),
                                   "sparse_decode_backward_cpu", [&] {
-    decode_backward_impl<scalar_t, at::opmath_type<scalar_t>>(grad_out, idx, val, counts, W_dec,
-                                                               need_val, need_W_dec, gval, gW);
+    // the pair's backward with one path: the single decode is the pair without its b side
+    at::Tensor none = at::empty({0}, val.options());
+    decode_pair_backward_impl<scalar_t, at::opmath_type<scalar_t>>(
+        op, grad_out, grad_out, idx, val, val, counts, W_dec, need_val, false, need_W_dec, false,
+        gval, none, gW);
   });
   return {gval, gW};
 }
@@ -340,7 +296,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_decode_pair_backward_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, W_dec.scalar_type(),
                                   "sparse_decode_pair_backward_cpu", [&] {
     decode_pair_backward_impl<scalar_t, at::opmath_type<scalar_t>>(
-        grad_a, grad_b, idx, val_a, val_b, counts, W_dec, need_val_a, need_val_b, need_W_dec,
+        op, grad_a, grad_b, idx, val_a, val_b, counts, W_dec, need_val_a, need_val_b, need_W_dec,
         W_from_b, gva, gvb, gW);
   });
   return {gva, gvb, gW};
