@@ -15,6 +15,8 @@ install:
 
 install-test: install
 	$(PIP) install -q pytest hypothesis pytest-benchmark "ruff>=0.17,<0.18"
+	# The optional logging sinks, for their tests (tests/test_sinks.py).
+	$(PIP) install -q tensorboard
 	# Peers for the parity tests (tests/test_peers.py); dictionary-learning without its deps.
 	$(PIP) install -q -r requirements-peers.txt
 	$(PIP) install -q --no-deps -r requirements-peers-nodeps.txt

@@ -61,6 +61,13 @@ def _loaded_model(args):
     return args._loaded
 
 
+def _data_options(args) -> dict:
+    """The options of --data's reading and context handling (model_flags), by their keyword
+    in gsae_fast.data.sources."""
+    return dict(text_column=args.text_column, split=args.data_split,
+                prepend_bos=args.prepend_bos, exclude_special_tokens=args.exclude_special_tokens)
+
+
 def cache(args) -> dict:
     model, tokenizer = _loaded_model(args)
     # a bar against --max-tokens; without it, the running count and rate
@@ -69,7 +76,7 @@ def cache(args) -> dict:
         model, tokenizer, args.data, args.layer, args.out, model_name=args.model,
         context_len=args.context_len, batch_contexts=args.batch_contexts, dtype=args.dtype,
         shard_tokens=args.shard_tokens, max_tokens=args.max_tokens, overwrite=args.overwrite,
-        progress=lambda n, total: bar(n, total))
+        progress=lambda n, total: bar(n, total), **_data_options(args))
     bar.finish(out["n_tokens"])
     _say(f"wrote {out['n_tokens']} activations of width {out['d_in']} ({args.dtype}) from "
          f"{out['metadata']['layer']} to {args.out}")
@@ -87,7 +94,8 @@ def _train_data(args, rank: int = 0, world: int = 1):
         return sources.model_training_batches(
             model, tokenizer, args.data, args.layer, args.batch_size, seed=args.seed,
             buffer_tokens=args.buffer_tokens, context_len=args.context_len,
-            batch_contexts=args.batch_contexts, model_name=args.model, rank=rank, world=world)
+            batch_contexts=args.batch_contexts, model_name=args.model, rank=rank, world=world,
+            **_data_options(args))
     raise ValueError("give --cache DIR (from gsae-fast cache) or --model DIR --data FILES "
                      "--layer NAME")
 
@@ -105,8 +113,9 @@ def train(args) -> dict:
         args.device = str(device)
     data, d_in, described = _train_data(args, rank, world)
     # argparse gives a list for a tuple field (nargs): back to the field's type
-    cfg = TrainConfig(**{f.name: tuple(getattr(args, f.name)) if isinstance(f.default, tuple)
-                         else getattr(args, f.name) for f in _config_fields()}, extra=described)
+    cfg = TrainConfig(**{f.name: tuple(getattr(args, f.name))
+                         if isinstance(getattr(args, f.name), list) else getattr(args, f.name)
+                         for f in _config_fields()}, extra=described)
     # The trainer holds the run folder from here until summary.json is written.
     with Trainer(cfg, d_in, data, args.out, device=args.device, resume=args.resume,
                  overwrite=args.overwrite) as trainer:
@@ -147,7 +156,8 @@ def _evaluate(sae, args) -> dict:
         model, tokenizer = _loaded_model(args)
         source = sources.text_activations(model, tokenizer, args.data, args.layer,
                                           context_len=args.context_len,
-                                          batch_contexts=args.batch_contexts)
+                                          batch_contexts=args.batch_contexts,
+                                          **_data_options(args))
     if args.cache:
         batches = sources.cache_eval_batches(args.cache, sae.d_in, seed=args.seed,
                                              device=args.device)
@@ -213,6 +223,8 @@ def _add_train_config_flags(p: argparse.ArgumentParser) -> None:
         elif isinstance(f.default, tuple):  # a fixed number of values
             kw["default"] = list(f.default)
             p.add_argument(flag, type=type(f.default[0]), nargs=len(f.default), **kw)
+        elif meta.get("nargs"):  # the same, with a default the architecture decides
+            p.add_argument(flag, type=meta["type"], nargs=meta["nargs"], **kw)
         else:  # a None default says nothing of the type: the field's metadata does
             typ = meta.get("type") or (str if f.default is None else type(f.default))
             p.add_argument(flag, type=typ, choices=meta.get("choices"), **kw)
@@ -241,11 +253,25 @@ def build_parser() -> argparse.ArgumentParser:
     def model_flags(p, required=False):
         p.add_argument("--model", required=required,
                        help="a local transformers model directory (nothing is downloaded)")
-        p.add_argument("--data", nargs="+", help="text files (.txt: a document per line; "
-                                                  ".jsonl: a 'text' field) or directories")
+        p.add_argument("--data", nargs="+", help=(
+            "text files (.txt: a document per line; .jsonl: a JSON object per line) or folders "
+            "of them; or datasets (pip install gsae_fast[datasets]): a save_to_disk folder, "
+            ".parquet / .arrow files or a folder of them; read locally, nothing is fetched"))
+        p.add_argument("--text-column", default="text", help=(
+            "the column (.jsonl: field) holding the texts, or pre-tokenized token ids such as "
+            "input_ids, used as they are (default: %(default)s)"))
+        p.add_argument("--data-split", default=None,
+                       help="the split of a DatasetDict folder (default: train)")
         p.add_argument("--layer", default=None,
                        help="module name (model.named_modules) or resid:N / mlp:N / attn:N")
-        p.add_argument("--context-len", type=int, default=128)
+        p.add_argument("--context-size", "--context-len", dest="context_len", type=int,
+                       default=128, metavar="N", help="tokens per context (default: %(default)s)")
+        p.add_argument("--prepend-bos", action=argparse.BooleanOptionalAction, default=False,
+                       help="start every context with BOS, as SAELens' prepend_bos (documents "
+                            "are always separated by BOS, else EOS) (default: %(default)s)")
+        p.add_argument("--exclude-special-tokens", action=argparse.BooleanOptionalAction,
+                       default=False, help="train on no position holding a special token "
+                                           "(BOS, EOS, PAD, ...) (default: %(default)s)")
         p.add_argument("--batch-contexts", type=int, default=8)
 
     c = sub.add_parser("cache", help="run a model over texts and write a layer's activations "
@@ -260,7 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(func=cache)
 
-    t = sub.add_parser("train", help="train a Gated SAE from a cache or a model")
+    t = sub.add_parser("train", help="train an SAE (--arch gated, jumprelu, topk, batchtopk) "
+                                     "from a cache or a model")
     t.add_argument("--config", metavar="FILE", help=(
         "a JSON file (or .yaml/.yml with PyYAML installed) of train options by name: the "
         "TrainConfig fields and this command's other options, underscored, e.g. "

@@ -14,6 +14,12 @@ too).
   ``gate_bias = b_gate``, ``mag_bias = b_mag``, ``r_mag`` (TopK ones: ``encoder.bias = b_enc``,
   ``b_dec``, buffers ``k`` and ``threshold``). On disk: ``ae.pt`` (a state dict) +
   ``config.json``; :func:`load` reads it.
+- EleutherAI sparsify (TopK SAEs): ``cfg.json`` + ``sae.safetensors``; :func:`save_sparsify`
+  writes it, :func:`load` reads it (gsae_fast.sparsify_format).
+
+A trained SAE carries SAELens' metadata (:func:`training_metadata`: model, TransformerLens hook
+name, context size, dataset) and, trained on scaled inputs, has the scale folded into its weights
+as SAELens does (:func:`fold_input_scale`).
 
 ``share=True`` makes the new module use the same storage (SAELens: the same ``nn.Parameter``
 objects; dictionary_learning: transposed views of its weights, so in-place updates such as an
@@ -21,15 +27,17 @@ optimizer step show on both sides); ``share=False`` copies.
 
 Settings gsae_fast does not implement are refused with :class:`UnsupportedSAEError`, never
 ignored: SAELens ``apply_b_dec_to_input=False``, any ``normalize_activations`` other than
-``"none"`` (fold the normalisation into the weights first), ``reshape_activations="hook_z"``
-(flatten the heads yourself), ``use_error_term=True``; architectures other than those of
-``ARCHS``; a dictionary_learning TopK SAE with a non-integer ``k`` or decoder-norm rescaling.
+``"none"`` (fold the scale into the weights first: :func:`fold_input_scale`),
+``reshape_activations="hook_z"`` (flatten the heads yourself), ``use_error_term=True``;
+architectures other than those of ``ARCHS``; a dictionary_learning TopK SAE with a non-integer
+``k`` or decoder-norm rescaling.
 The SAELens libraries are imported only by the functions that build their objects.
 """
 from __future__ import annotations
 
 import importlib
 import json
+import math
 import os
 from typing import Optional, Union
 
@@ -39,6 +47,7 @@ from torch import nn
 # The registry (each architecture's module in gsae_fast.saes holds its class and its Arch) and
 # the error; these names stay importable from here.
 from .files import atomic_write, write_json
+from .hooks import BLOCK_LAYOUTS
 from .saes import ARCHS, Arch, UnsupportedSAEError  # noqa: F401
 
 SAE_LENS_CFG, SAE_LENS_WEIGHTS = "cfg.json", "sae_weights.safetensors"
@@ -243,6 +252,98 @@ def to_sae_lens(gsae, *, training: bool = False, share: bool = False, **cfg_over
     return out
 
 
+# TransformerLens' hook of each layer alias of gsae_fast.hooks: a block's output is the residual
+# stream after it; attn / mlp are their outputs before they are added to the residual stream.
+TL_HOOKS = {"resid": "blocks.{}.hook_resid_post", "attn": "blocks.{}.hook_attn_out",
+            "mlp": "blocks.{}.hook_mlp_out"}
+
+
+def transformer_lens_hook(layer: str) -> str:
+    """TransformerLens' hook name of a gsae_fast layer (see gsae_fast.hooks.resolve_hook):
+    ``resid:N`` -> ``blocks.N.hook_resid_post``, ``attn:N`` -> ``blocks.N.hook_attn_out``,
+    ``mlp:N`` -> ``blocks.N.hook_mlp_out``, and the same for the module names these aliases
+    stand for (``transformer.h.N``, ``model.layers.N.mlp``, ...: hooks.BLOCK_LAYOUTS). Any other
+    name is returned as it is. (A model that normalises the attention or MLP output inside the
+    block, as Gemma 2 does, has TransformerLens' hook after that norm, the module's before it.)"""
+    kind, colon, index = layer.partition(":")
+    if colon:
+        return TL_HOOKS[kind].format(int(index)) if kind in TL_HOOKS and index.isdigit() \
+            else layer
+    for prefix, attn, mlp in BLOCK_LAYOUTS:
+        for blocks in (prefix, prefix.split(".", 1)[1]):  # with and without the LM head's wrapper
+            if not layer.startswith(blocks + "."):
+                continue
+            index, _, sub = layer[len(blocks) + 1:].partition(".")
+            kind = {"": "resid", attn: "attn", mlp: "mlp"}.get(sub)
+            if index.isdigit() and kind is not None:
+                return TL_HOOKS[kind].format(int(index))
+    return layer
+
+
+def training_metadata(described: dict, *, layer: Optional[str] = None,
+                      model_name: Optional[str] = None, context_size: Optional[int] = None,
+                      prepend_bos: Optional[bool] = None, dataset_path=None) -> dict:
+    """SAELens' metadata of an SAE trained on the data ``described`` (the record a data source of
+    gsae_fast.data returns, kept as ``TrainConfig.extra``): set it as the SAE's
+    ``sae_lens_metadata`` before :func:`save_pretrained`, which writes it to cfg.json's
+    ``metadata``, where ``sae_lens.SAE.load_from_disk`` reads it (``sae.cfg.metadata``).
+
+    The fields SAELens' own trainer sets, from ``described``'s: ``model_name`` (``model``),
+    ``hook_name`` (``layer``, in TransformerLens' form where it has one:
+    :func:`transformer_lens_hook`), ``hook_head_index`` (None), ``context_size``
+    (``context_len``), ``prepend_bos``, ``exclude_special_tokens``, ``dataset_path``
+    (``dataset``, ``data`` or ``cache``: one path, or a list of several); and ``layer``, the
+    layer as gsae_fast names it. A keyword argument given overrides ``described``; a field
+    known from neither is None (SAELens' ``ActivationsStore.from_sae`` then asks for it).
+    ``normalize_activations`` is a field of the config, not of the metadata: see
+    :func:`fold_input_scale`."""
+    def given(value, key):
+        return described.get(key) if value is None else value
+
+    layer = given(layer, "layer")
+    if dataset_path is None:
+        dataset_path = next((described[k] for k in ("dataset", "data", "cache")
+                             if described.get(k) is not None), None)
+    if isinstance(dataset_path, (list, tuple)):
+        dataset_path = [str(p) for p in dataset_path]
+        dataset_path = dataset_path[0] if len(dataset_path) == 1 else dataset_path
+    elif dataset_path is not None:
+        dataset_path = str(dataset_path)
+    return dict(model_name=given(model_name, "model"),
+                hook_name=None if layer is None else transformer_lens_hook(layer),
+                hook_head_index=None, context_size=given(context_size, "context_len"),
+                prepend_bos=given(prepend_bos, "prepend_bos"),
+                exclude_special_tokens=described.get("exclude_special_tokens"),
+                dataset_path=dataset_path, layer=layer)
+
+
+@torch.no_grad()
+def fold_input_scale(sae, scale: float):
+    """Fold an input scale into ``sae``'s weights, in place, and return it: an SAE trained on
+    ``x * scale`` then takes raw ``x`` and returns raw ``x_hat`` (its old ``sae(x * scale) /
+    scale``). This is SAELens' ``fold_activation_norm_scaling_factor``, with which its trainer
+    ends a run with ``normalize_activations="expected_average_only_in"``: ``W_enc * scale``,
+    ``W_dec / scale``, ``b_dec / scale``. The pre-activations stay the same, so the JumpReLU
+    threshold, the Gated biases and the TopK choice do too; a BatchTopK ``topk_threshold``
+    compares ``pre * |W_dec[i]|`` under ``rescale_acts_by_decoder_norm``, so it is divided by
+    ``scale`` there. As in SAELens, the folded SAE is one with ``normalize_activations="none"``
+    (what :func:`save_pretrained` writes); the scale folded is kept as ``norm_scaling_factor``
+    (SAELens' name for it) in ``sae.sae_lens_metadata`` (multiplied in if one is there)."""
+    scale = float(scale)
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"fold_input_scale: the scale must be a positive finite number, got "
+                         f"{scale}")
+    sae.W_enc.mul_(scale)
+    sae.W_dec.div_(scale)
+    sae.b_dec.div_(scale)
+    if getattr(sae, "BATCH", False) and sae.rescale_acts_by_decoder_norm:
+        sae.topk_threshold.div_(scale)
+    metadata = dict(sae.sae_lens_metadata or {})
+    metadata["norm_scaling_factor"] = metadata.get("norm_scaling_factor", 1.0) * scale
+    sae.sae_lens_metadata = metadata
+    return sae
+
+
 def _dl_arch(names, class_name: Optional[str], expected: Optional[str]) -> Arch:
     """The architecture of a dictionary_learning autoencoder (by class) or state dict (by keys;
     TopK and BatchTopK share theirs, so ``expected`` decides)."""
@@ -409,21 +510,27 @@ def save_pretrained(gsae, path: Union[str, os.PathLike]) -> None:
     # The version of SAELens' config format written here; without it SAELens reads the file as
     # a pre-6.0 config (which has no BatchTopK architecture).
     cfg["metadata"].setdefault("sae_lens_version", SAE_LENS_FORMAT)
-    # Both files are written in full and fsynced before either replaces an older one: a failure
-    # (a full disk: ENOSPC naming the file) leaves the previous pair as it was.
+    write_checkpoint(path, SAE_LENS_WEIGHTS, weights, SAE_LENS_CFG, cfg)
+
+
+def write_checkpoint(path: str, weights_name: str, weights: bytes, cfg_name: str,
+                     cfg: dict) -> None:
+    """Write ``path/weights_name`` (bytes) and ``path/cfg_name`` (JSON) so that a failure (a
+    full disk: OSError(ENOSPC) naming the file) leaves the previous pair as it was: both are
+    written in full and fsynced before either replaces an older one."""
     cfg_error = []
     try:
-        with atomic_write(os.path.join(path, SAE_LENS_WEIGHTS)) as f:
+        with atomic_write(os.path.join(path, weights_name)) as f:
             f.write(weights)
             f.flush()
             os.fsync(f.fileno())
             try:
-                write_json(cfg, os.path.join(path, SAE_LENS_CFG))
+                write_json(cfg, os.path.join(path, cfg_name))
             except OSError as e:
                 cfg_error.append(e)
                 raise
     except OSError:
-        if cfg_error:  # atomic_write would name the weights for cfg.json's full disk
+        if cfg_error:  # atomic_write would name the weights for the config's full disk
             raise cfg_error[0] from None
         raise
 
@@ -432,8 +539,9 @@ def load(path: Union[str, os.PathLike], *, device: Union[str, torch.device] = "c
          dtype: Union[str, torch.dtype, None] = None, backend: str = "auto",
          expected: Optional[str] = None):
     """A gsae_fast SAE from a SAELens checkpoint folder (``cfg.json`` +
-    ``sae_weights.safetensors``) or a dictionary_learning one (``ae.pt`` [+ ``config.json``]).
-    ``dtype`` defaults to the checkpoint's."""
+    ``sae_weights.safetensors``), a dictionary_learning one (``ae.pt`` [+ ``config.json``]) or
+    an EleutherAI sparsify one (``cfg.json`` + ``sae.safetensors``: a TopKSAE, see
+    gsae_fast.sparsify_format). ``dtype`` defaults to the checkpoint's."""
     path = os.fspath(path)
     weights_path = os.path.join(path, SAE_LENS_WEIGHTS)
     if os.path.isfile(weights_path):
@@ -492,15 +600,29 @@ def load(path: Union[str, os.PathLike], *, device: Union[str, torch.device] = "c
         except (TypeError, UnsupportedSAEError) as e:
             raise UnsupportedSAEError(f"{path}: {DL_WEIGHTS}: {e}") from None
         return sae if dtype is None else sae.to(_parse_dtype(dtype))
+    elif os.path.isfile(os.path.join(path, SPARSIFY_WEIGHTS)):
+        _expect(ARCHS["topk"], expected)
+        return load_sparsify(path, device=device, dtype=dtype, backend=backend)
     elif os.path.isfile(path):
         raise NotADirectoryError(f"{path} is a file: pass the checkpoint folder that holds it "
                                  f"({os.path.dirname(path) or '.'})")
     else:
-        raise FileNotFoundError(f"{path}: no SAELens ({SAE_LENS_CFG} + {SAE_LENS_WEIGHTS}) or "
-                                f"dictionary_learning ({DL_WEIGHTS}) checkpoint there")
+        raise FileNotFoundError(f"{path}: no SAELens ({SAE_LENS_CFG} + {SAE_LENS_WEIGHTS}), "
+                                f"dictionary_learning ({DL_WEIGHTS}) or sparsify "
+                                f"({SPARSIFY_CFG} + {SPARSIFY_WEIGHTS}) checkpoint there")
     params = {n: state[n].to(dtype=dtype) if dtype else state[n] for n in arch.params}
     sae = _new_module(arch, params, backend, metadata, {k: cfg[k] for k in arch.hyper if k in cfg},
                       {n: state[n] for n in arch.buffers if n in state})
     if cfg.get("dl_threshold") is not None:
         sae.dl_threshold = float(cfg["dl_threshold"])
     return sae
+
+
+# sparsify's format has its own module, which builds on the helpers above (gsae_fast imports
+# this module first, so they are defined when it is imported).
+from .sparsify_format import (  # noqa: E402,F401
+    SPARSIFY_CFG,
+    SPARSIFY_WEIGHTS,
+    load_sparsify,
+    save_sparsify,
+)

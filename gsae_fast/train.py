@@ -1,19 +1,22 @@
-"""Training a Gated SAE on the fast ops: the recipe of the paper and of dictionary_learning's
-``GatedSAETrainer``.
+"""Training an SAE on the fast ops: Gated (``arch="gated"``, the default: the recipe of the
+paper and of dictionary_learning's ``GatedSAETrainer``), JumpReLU, TopK and BatchTopK (SAELens'
+training recipes); what differs between them is gsae_fast.recipes', the rest is shared:
 
-- Adam (``betas=(0.0, 0.999)`` as dictionary_learning), the learning rate and sparsity
+- Adam (Gated: ``betas=(0.0, 0.999)`` as dictionary_learning), the learning rate and sparsity
   schedules of dictionary_learning's ``get_lr_schedule`` / ``get_sparsity_warmup_fn``: lr scale
   ``step / warmup_steps`` during the warm-up, then 1, then (with ``decay_start``) linear decay
   ``(steps - step) / (steps - decay_start)``; sparsity scale ``min(step / sparsity_warmup_steps,
   1)``.
 - ``decoder="unit_norm"`` (the paper, dictionary_learning's ``ConstrainedAdam``): the gradient's
   component along each decoder row is removed before the step and the rows are renormalised
-  after it, with the unit sparsity weights; ``decoder="norm_penalty"`` (SAELens): free rows and
-  the ``|W_dec[i]|``-weighted sparsity penalty.
+  after it, with the unit sparsity weights; ``decoder="norm_penalty"`` (SAELens' Gated): free
+  rows and the ``|W_dec[i]|``-weighted sparsity penalty; ``decoder="free"`` (the others):
+  free rows. ``max_grad_norm``: the gradient clipped to that norm (SAELens clips at 1).
 - Mixed precision: ``compute_dtype="bfloat16"`` (the default on CUDA) runs the kernels in bf16
   on bf16 copies of the fp32 master parameters (the casts are differentiable, so the gradients
   and Adam stay fp32); autocast would not reach the custom ops.
-- Dead features: tokens since each feature last fired; dead after ``dead_after_tokens``.
+- Dead features: tokens since each feature last fired; dead after ``dead_after_tokens`` (the
+  mask JumpReLU's pre-activation loss and TopK's AuxK act on).
 - Logs one JSON line per ``log_every`` steps (``log.jsonl``; with bf16 compute the logged
   losses are the bf16 ones); checkpoints (``checkpoint.pt``:
   parameters, Adam state, step, dead-feature counters, RNG states and the data stream's
@@ -33,6 +36,13 @@
   tensors; ``skip_nonfinite`` such batches are skipped first (no update; the step and its
   tokens count; the log line says ``"skipped"``). A parameter that is not finite (in the
   compute dtype; ``exp(r_mag)`` included) after an update always stops the run.
+- ``normalize_activations="expected_average_only_in"`` (SAELens): before the first step,
+  ``norm_estimate_batches`` batches (not trained on) give the scale ``sqrt(d_in) / mean |x|``
+  that every batch is multiplied by; it is kept in the checkpoints and folded into the saved
+  ``sae/`` (gsae_fast.interop.fold_input_scale), which then takes raw activations.
+- The saved ``sae/`` carries SAELens' metadata of the data (gsae_fast.interop.training_metadata
+  of ``cfg.extra``: model, hook name, context size, ...). ``sinks``: objects with ``log(record)``
+  and ``close()`` that receive each logged record too (gsae_fast.sinks: TensorBoard, W&B).
 - ``parallel="data"`` / ``"feature"``: data-parallel or feature-sharded training on
   ``torch.distributed`` (gsae_fast.distributed; run under ``torchrun``): each rank's ``data``
   yields its share of every step's tokens, and the run equals a single-process one on the
@@ -40,6 +50,7 @@
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -51,8 +62,8 @@ from typing import Callable, Optional
 
 import torch
 
-from . import checkpoints, distributed, files, ops
-from .saes import GatedSAE
+from . import checkpoints, distributed, files, interop, ops
+from .recipes import recipe
 
 # The run's configuration (its own module; these names stay importable from here).
 from .train_config import (  # noqa: E402,F401
@@ -85,7 +96,8 @@ def _logged_step(line: str) -> float:
 
 
 class Trainer:
-    """Trains a :class:`GatedSAE` on ``data`` (an iterator of ``[tokens, d_in]`` batches; with
+    """Trains the SAE of ``cfg.arch`` (:class:`~gsae_fast.GatedSAE`, ``JumpReLUSAE``, ``TopKSAE``,
+    ``BatchTopKSAE``) on ``data`` (an iterator of ``[tokens, d_in]`` batches; with
     ``state_dict`` / ``load_state_dict`` for exact resumption).
 
     ``out_dir`` receives ``log.jsonl``, ``checkpoint.pt`` (and its ``.sha256``) and, at the
@@ -106,9 +118,12 @@ class Trainer:
                  "summary.json")
 
     def __init__(self, cfg: TrainConfig, d_in: int, data, out_dir: Optional[str] = None, *,
-                 device="cpu", resume: bool = False, overwrite: bool = False):
+                 device="cpu", resume: bool = False, overwrite: bool = False, sinks=()):
         cfg.check()
         self.cfg, self.data, self.out_dir = cfg, data, out_dir
+        self.sinks = list(sinks)
+        # normalize_activations: the inputs' scale (estimated before the first step)
+        self.norm_scale: Optional[float] = None
         self.rank, self.world = 0, 1
         if cfg.parallel != "none":
             self.rank, self.world, device = distributed.init(device)
@@ -118,15 +133,13 @@ class Trainer:
         self.device = torch.device(device)
         self.compute_dtype = compute_dtype(cfg.compute_dtype, self.device)
         torch.manual_seed(cfg.seed)
-        init_norm = 1.0 if cfg.decoder == "unit_norm" else 0.1
+        self.recipe = recipe(cfg)
         self.features = (0, cfg.d_sae)
         if cfg.parallel == "feature":
             self.features = distributed.feature_range(cfg.d_sae, self.rank, self.world)
-            self.sae = distributed.init_shard(d_in, cfg.d_sae, self.features, device=self.device,
-                                              backend=cfg.backend, decoder_init_norm=init_norm)
+            self.sae = self.recipe.build(d_in, self.device, self.features)
         else:
-            self.sae = GatedSAE(d_in, cfg.d_sae, device=self.device, backend=cfg.backend,
-                                decoder_init_norm=init_norm)
+            self.sae = self.recipe.build(d_in, self.device)
         self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
         self.step = 0
         self.tokens = 0
@@ -218,29 +231,15 @@ class Trainer:
 
     # -- one step ----------------------------------------------------------------------------
 
-    def _incompute_dtype(self, *tensors: torch.Tensor) -> list:
+    def in_compute_dtype(self, *tensors: torch.Tensor) -> list:
         """The kernels' inputs: differentiable casts of the fp32 masters (no copy when equal)."""
         cd = self.compute_dtype
         return [t if t.dtype == cd else t.to(cd) for t in tensors]
 
     def _loss(self, x: torch.Tensor):
-        cfg, sae = self.cfg, self.sae
-        params = self._incompute_dtype(sae.W_enc, sae.W_dec, sae.b_dec, sae.b_gate, sae.r_mag,
-                                        sae.b_mag)
+        cfg = self.cfg
         coef = cfg.l1_coefficient * cfg.sparsity_scale(self.step)
-        sparsity = "unit" if cfg.decoder == "unit_norm" else "decoder_norm"
-        if cfg.parallel == "feature":
-            # The dense/sparse choice as a single process makes it (global capacity, d_sae):
-            # the dead-feature counts below depend on it.
-            out, local_max = distributed.feature_sharded_loss(
-                *self._incompute_dtype(x), *params, coef, sparsity=sparsity, aux=cfg.aux,
-                backend=sae._backend_for(x), capacity=self.local_capacity,
-                dense=ops.dense_is_faster(self.capacity, cfg.d_sae, x.device, params[0].dtype))
-            self.local_capacity = ops.next_capacity(local_max, sae.d_sae)
-            return out
-        return ops.gated_sae_loss(*self._incompute_dtype(x), *params, coef, sparsity=sparsity,
-                                  aux=cfg.aux, backend=sae._backend_for(x),
-                                  capacity=self.capacity)
+        return self.recipe.loss(self, x, coef, self.since_fired >= cfg.dead_after_tokens)
 
     def _forward_backward(self, x: torch.Tensor):
         """(the loss with its gradients, None), or (None, what is not finite) when the encoder
@@ -262,7 +261,7 @@ class Trainer:
         if bad:
             return f"the batch has {_entries(bad)}"
         s = self.sae
-        xc, W, b = self._incompute_dtype(x, s.W_enc, s.b_dec)
+        xc, W, b = self.in_compute_dtype(x, s.W_enc, s.b_dec)
         bad = int((~torch.isfinite((xc - b) @ W)).sum())
         if bad:
             return (f"the pre-activations (x - b_dec) @ W_enc have {_entries(bad)} in "
@@ -300,10 +299,10 @@ class Trainer:
 
     def _parameter_problems(self) -> list:
         """Parameters that are not finite in the compute dtype (the kernels' inputs), and
-        ``exp(r_mag)`` there."""
+        what the recipe derives from them there (Gated: ``exp(r_mag)``)."""
         cd = self.compute_dtype
         named = list(self.sae.named_parameters())
-        named.append(("exp(r_mag)", torch.exp(self.sae.r_mag.detach().to(cd))))
+        named += self.recipe.extra_parameters(self.sae, cd)
         return self._nonfinite(named, cd)
 
     def _stop(self, step: int, problems: list, skippable: bool) -> FloatingPointError:
@@ -339,12 +338,15 @@ class Trainer:
         for group in self.opt.param_groups:
             group["lr"] = lr
         x = x.to(self.device).reshape(-1, sae.d_in)
+        if self.norm_scale is not None:
+            x = x * self.norm_scale
         if cfg.parallel == "feature":  # every rank encodes the whole batch
             x = distributed.gather_rows(x)
         self.opt.zero_grad(set_to_none=True)
         out, problem = self._forward_backward(x)
         stats = [float("nan")] * 5 if out is None else [
-            out.loss.item(), out.mse.item(), out.sparsity.item(), out.aux.item(), out.l0.item()]
+            float(v) for v in torch.stack([p.detach().to(torch.float64)
+                                           for p in [out.loss] + out.parts]).tolist()]
         n = x.shape[0]
         if cfg.parallel == "data":  # gradients and logged values over all ranks' tokens
             stats, n = distributed.average_gradients(sae.parameters(), stats, n)
@@ -366,18 +368,23 @@ class Trainer:
             with torch.no_grad():
                 W, g = sae.W_dec, sae.W_dec.grad
                 g -= (g * W).sum(1, keepdim=True) * W / W.pow(2).sum(1, keepdim=True)
+        if cfg.max_grad_norm:  # (SAELens: after the backward, before the step)
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.max_grad_norm)
         self.opt.step()
         if cfg.decoder == "unit_norm":
             with torch.no_grad():
                 sae.W_dec /= sae.W_dec.norm(dim=1, keepdim=True)
+        self.recipe.after_update(self, out)
         problems = self._parameter_problems()
         if problems:  # the update cannot be taken back: stop before anything is saved
             raise self._stop(self.step + 1, [f"after the update, {problems[0]}"] + problems[1:],
                              skippable=False)
-        fired, max_count = self._fired(x, out), out.max_count
-        if cfg.parallel == "data":
-            fired, max_count = distributed.any_fired(fired, max_count)
-        self.capacity = ops.next_capacity(max_count, cfg.d_sae)
+        fired, max_count = self.recipe.fired(self, x, out), out.max_count
+        if cfg.parallel == "data":  # (-1: no count, the dense reference ran)
+            fired, max_count = distributed.any_fired(fired, -1 if max_count is None else max_count)
+            max_count = None if max_count < 0 else max_count
+        if max_count is not None:  # (else the hint stays)
+            self.capacity = ops.next_capacity(max_count, cfg.d_sae)
         self.since_fired += n
         self.since_fired[fired] = 0
         self.step += 1
@@ -394,17 +401,6 @@ class Trainer:
                 "dead_fraction": self._dead_fraction(),
                 "step_ms": 1e3 * (time.perf_counter() - t0)}
 
-    @torch.no_grad()
-    def _fired(self, x, out) -> torch.Tensor:
-        """Which of this rank's features fired on ``x`` (bool ``[sae.d_sae]``)."""
-        acts = out.acts
-        if acts is None:  # the dense path ran (L0 near d_sae): find the firing features
-            s = self.sae
-            acts = ops.gated_encode(*self._incompute_dtype(x, s.W_enc, s.b_dec, s.b_gate,
-                                                            s.r_mag, s.b_mag),
-                                    backend=s._backend_for(x))
-        return torch.bincount(acts.idx[acts.mask()].long(), minlength=self.sae.d_sae) > 0
-
     # -- the loop ----------------------------------------------------------------------------
 
     def train(self, progress: Optional[Callable[[int, int, dict], None]] = None,
@@ -420,17 +416,55 @@ class Trainer:
             if self.out_dir:
                 self.save_checkpoint(self.checkpoint_path)
                 if self.step >= cfg.steps and self.rank == 0:
-                    sae = (checkpoints.gathered_sae(self.checkpoint_path, cfg.backend)
-                           if cfg.parallel == "feature" else self.sae)
-                    sae.save_pretrained(os.path.join(self.out_dir, "sae"))
+                    self.export_sae().save_pretrained(os.path.join(self.out_dir, "sae"))
                 self._barrier()
         except BaseException:
             self.close()
             raise
         return records
 
+    def export_sae(self):
+        """The trained SAE as ``sae/`` holds it (rank 0; "feature": the whole dictionary from
+        the checkpoint just written): the input scale folded in, SAELens' metadata set. A copy:
+        the trainer's own SAE is left as it trains."""
+        if self.cfg.parallel == "feature":
+            sae = checkpoints.gathered_sae(self.checkpoint_path, self.cfg.backend)
+        else:
+            sae = copy.deepcopy(self.sae)
+        sae.sae_lens_metadata = dict(sae.sae_lens_metadata or {},
+                                     **interop.training_metadata(self.cfg.extra))
+        if self.norm_scale is not None:
+            interop.fold_input_scale(sae, self.norm_scale)
+        return sae
+
+    @torch.no_grad()
+    def estimate_norm_scale(self) -> float:
+        """SAELens' ``expected_average_only_in`` scale, ``sqrt(d_in) / mean |x|`` over the next
+        ``norm_estimate_batches`` batches of the data (over all ranks' shares)."""
+        cfg = self.cfg
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for i in range(cfg.norm_estimate_batches):
+            try:
+                x = next(self.data)
+            except StopIteration:
+                raise RuntimeError(f"the data ran out after {i} of the {cfg.norm_estimate_batches}"
+                                   f" batches that estimate the activations' norm "
+                                   f"(--norm-estimate-batches)") from None
+            x = x.to(self.device).reshape(-1, self.sae.d_in).to(torch.float64)
+            total += torch.stack([x.norm(dim=-1).sum(), x.new_tensor(x.shape[0])])
+        if cfg.parallel != "none":
+            torch.distributed.all_reduce(total)
+        mean = (total[0] / total[1]).item()
+        if not (math.isfinite(mean) and mean > 0):
+            raise ValueError(f"the activations' mean norm over {cfg.norm_estimate_batches} "
+                             f"batches is {mean}: expected_average_only_in cannot scale them "
+                             f"(normalize_activations none)")
+        return math.sqrt(self.sae.d_in) / mean
+
     def _train(self, progress, stop_after) -> list[dict]:
         cfg = self.cfg
+        if cfg.normalize_activations != "none" and self.norm_scale is None:
+            self.norm_scale = self.estimate_norm_scale()
         problems = self._parameter_problems()
         if problems:
             raise FloatingPointError(f"before step {self.step + 1}: {'; '.join(problems)}: "
@@ -454,6 +488,8 @@ class Trainer:
                                           or "skipped" in rec):
                     log_f.write(json.dumps(rec) + "\n")
                     log_f.flush()
+                    for sink in self.sinks:
+                        sink.log(rec)
                 if progress is not None:
                     progress(self.step, cfg.steps, rec)
                 if self.out_dir and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
@@ -473,7 +509,8 @@ class Trainer:
         return {"config": asdict(self.cfg), "step": self.step, "tokens": self.tokens,
                 "sae": self.sae.state_dict(), "optimizer": self.opt.state_dict(),
                 "since_fired": self.since_fired, "capacity": self.capacity, "rng": rng,
-                "data": data, "d_in": self.sae.d_in, "skipped": self.skipped}
+                "data": data, "d_in": self.sae.d_in, "skipped": self.skipped,
+                "norm_scale": self.norm_scale}
 
     def save_checkpoint(self, path: str) -> None:
         """One file (rank 0 in "data" mode), or one per rank and ``path`` last ("feature":
@@ -547,6 +584,7 @@ class Trainer:
         self.opt.load_state_dict(state["optimizer"])
         self.step, self.tokens = state["step"], state["tokens"]
         self.skipped = state.get("skipped", 0)
+        self.norm_scale = state.get("norm_scale")
         self.saved_step = self.step
         self.since_fired = state["since_fired"].to(self.device)
         self.capacity = state["capacity"]

@@ -144,8 +144,10 @@ def test_train_config_file_and_flags_over_it(tiny, tmp_path, capsys):
     ({"steps": "many"}, "run.json: 'steps' must be an int, got \"many\""),
     ({"lr": True}, "run.json: 'lr' must be a number, got true"),
     ({"betas": [0.9]}, "run.json: 'betas' must be a list of 2 values, each a number, got [0.9]"),
-    ({"decoder": "unit"}, "run.json: 'decoder' must be one of unit_norm, norm_penalty, got "
-                          "\"unit\""),
+    ({"decoder": "unit"}, "run.json: 'decoder' must be one of unit_norm, norm_penalty, free, "
+                          "got \"unit\""),
+    ({"arch": "sparse"}, "run.json: 'arch' must be one of gated, jumprelu, topk, batchtopk, "
+                         "got \"sparse\""),
     ({"quiet": "yes"}, "run.json: 'quiet' must be true or false, got \"yes\""),
     ([1, 2], "run.json: expected a mapping of option names to values, got list"),
 ])

@@ -11,12 +11,14 @@
     cache = ActivationCache("cache/gpt2-resid6"); cache.check_width(768)
     for batch in cache.batches(4096, seed=0, epochs=2): ...
 
-Modules: ``text`` (:func:`read_texts`), ``stream`` (:class:`ModelActivations`), ``mixing``
-(:class:`MixingBuffer`), ``cache`` (:func:`write_cache`, :class:`ActivationCache`) and
-``synthetic`` (features with a known ground truth, the demo's dataset), and ``sources``
-(what the ``gsae-fast`` commands train and evaluate on: :func:`cache_training_batches`,
-:func:`model_training_batches`, :func:`write_model_cache`). Loading models and hooking their
-layers is in :mod:`gsae_fast.hooks`.
+Modules: ``text`` (:func:`read_texts`), ``hf_datasets`` (:func:`dataset_documents`: a
+``save_to_disk`` folder, parquet or arrow files, with the ``datasets`` extra), ``stream``
+(:class:`ModelActivations`), ``mixing`` (:class:`MixingBuffer`), ``cache``
+(:func:`write_cache`, :class:`ActivationCache`) and ``synthetic`` (features with a known ground
+truth, the demo's dataset), and ``sources`` (what the ``gsae-fast`` commands train and evaluate
+on: :func:`documents`, :func:`cache_training_batches`, :func:`model_training_batches`,
+:func:`write_model_cache`). Loading models and hooking their layers is in
+:mod:`gsae_fast.hooks`.
 """
 from .cache import (
                     CACHE_DTYPES,
@@ -28,11 +30,13 @@ from .cache import (
                     ProgressFn,
                     write_cache,
 )
+from .hf_datasets import DatasetDocuments, dataset_documents, is_dataset_path
 from .mixing import MixingBuffer
 from .sources import (
                     FullBatches,
                     cache_eval_batches,
                     cache_training_batches,
+                    documents,
                     model_training_batches,
                     text_activations,
                     write_model_cache,
@@ -46,4 +50,5 @@ __all__ = ["read_texts", "TEXT_SUFFIXES", "PathLike", "ModelActivations", "Mixin
            "CACHE_FORMAT", "CACHE_FORMAT_VERSION", "CACHE_DTYPES", "SyntheticConfig",
            "SyntheticFeatures", "feature_recovery", "FullBatches", "text_activations",
            "write_model_cache", "cache_training_batches", "model_training_batches",
-           "cache_eval_batches"]
+           "cache_eval_batches", "documents", "DatasetDocuments", "dataset_documents",
+           "is_dataset_path"]

@@ -1,5 +1,5 @@
 """Reading documents from local text files (``.txt``: one per non-empty line, ``.jsonl``: one
-JSON object per line, the text in a field)."""
+JSON object per line, the text, or its token ids, in a field)."""
 from __future__ import annotations
 
 import codecs
@@ -89,14 +89,16 @@ def _expand_text_paths(paths) -> list:
 
 
 def read_texts(paths: Union[PathLike, Sequence[PathLike]], *, text_field: str = "text"
-               ) -> Iterator[str]:
-    """Documents from local text files, in order, as an iterator of strings.
+               ) -> Iterator[Union[str, list]]:
+    """Documents from local text files, in order, as an iterator of strings (or token id
+    lists).
 
     ``paths``: one path or a list; a directory stands for its ``.txt`` and ``.jsonl`` files in
     sorted order. ``.txt``: each non-empty line is a document (a file without newlines is one
     document). ``.jsonl``: each non-empty line is a JSON object whose ``text_field`` holds the
-    document. Empty documents are skipped. Files are UTF-8 (a leading byte-order mark is
-    dropped).
+    document: a string, or a pre-tokenized document as a list of token ids (e.g.
+    ``text_field="input_ids"``), yielded as that list. Empty documents are skipped. Files are
+    UTF-8 (a leading byte-order mark is dropped).
 
     Paths are checked now (FileNotFoundError/ValueError, also for a binary file: a NUL or
     invalid UTF-8 in its first 64 KiB; a folder named like a text file inside a folder); a
@@ -108,7 +110,7 @@ def read_texts(paths: Union[PathLike, Sequence[PathLike]], *, text_field: str = 
     return _iter_texts(files, text_field)
 
 
-def _iter_texts(files: list, text_field: str) -> Iterator[str]:
+def _iter_texts(files: list, text_field: str) -> Iterator[Union[str, list]]:
     n_docs = 0
     for path in files:
         try:
@@ -122,7 +124,7 @@ def _iter_texts(files: list, text_field: str) -> Iterator[str]:
                          f"texts are skipped)")
 
 
-def _read_file(path: str, text_field: str) -> Iterator[str]:
+def _read_file(path: str, text_field: str) -> Iterator[Union[str, list]]:
     # utf-8-sig: a byte-order mark (Windows editors) is not part of the first document
     with open(path, encoding="utf-8-sig") as f:
         if path.endswith(".txt"):
@@ -139,11 +141,15 @@ def _read_file(path: str, text_field: str) -> Iterator[str]:
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
             if not isinstance(record, dict) or text_field not in record:
+                fields = ", ".join(map(str, record)) if isinstance(record, dict) else "none"
                 raise ValueError(f"{path}:{lineno}: no field {text_field!r} in this line "
-                                 f"(pass text_field= to read another field)")
+                                 f"(fields: {fields}); pass text_field= (--text-column) to "
+                                 f"read another field")
             text = record[text_field]
-            if not isinstance(text, str):
+            is_ids = isinstance(text, list) and all(isinstance(t, int) for t in text)
+            if not isinstance(text, str) and not is_ids:
                 raise ValueError(f"{path}:{lineno}: field {text_field!r} is a "
-                                 f"{type(text).__name__}, not a string")
+                                 f"{type(text).__name__}, not a string or a list of token "
+                                 f"ids")
             if text:
                 yield text

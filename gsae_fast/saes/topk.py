@@ -383,9 +383,13 @@ class BatchTopKSAE(TopKSAE):
         self.update_threshold(out)
         return out
 
-    @torch.no_grad()
     def update_threshold(self, out: TopKLoss) -> None:
-        low = out.min_positive()
+        self.move_threshold(out.min_positive())
+
+    @torch.no_grad()
+    def move_threshold(self, low: Optional[Tensor]) -> None:
+        """One step of the threshold toward ``low``, a batch's smallest positive activation
+        (None: nothing fired, the threshold stays)."""
         if low is None:
             return
         if self.topk_threshold < 0:  # not yet set (dictionary_learning's -1)
