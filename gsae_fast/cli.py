@@ -20,18 +20,19 @@ from __future__ import annotations
 import argparse
 import difflib
 import errno
+import itertools
 import json
 import os
 import sys
-from dataclasses import fields
+from dataclasses import asdict, fields
 
 import torch
 
 from . import files, metrics
 from .data import sources
 from .demo import DEMO, TIMING, run_demo
+from .interop import load
 from .progress import Progress
-from .saes import GatedSAE
 from .train import TrainConfig, Trainer
 
 
@@ -105,20 +106,39 @@ def _config_fields() -> list:
     return [f for f in fields(TrainConfig) if f.metadata.get("flag", True)]
 
 
+def _sinks(args, cfg, run_dir: str, name=None) -> list:
+    """The logging sinks --tensorboard / --wandb ask for (gsae_fast.sinks)."""
+    if args.tensorboard is None and args.wandb is None:
+        return []
+    from . import sinks
+    tb = args.tensorboard
+    if tb is not None and name is not None:  # a sweep: one folder per member
+        tb = os.path.join(tb, name)
+    return sinks.open_sinks(tensorboard=tb, wandb_project=args.wandb, run_dir=run_dir,
+                            config=asdict(cfg), name=name, resume=args.resume)
+
+
+def _config_dict(args) -> dict:
+    """The TrainConfig fields of the command line (None: left to the architecture's recipe)."""
+    # argparse gives a list for a tuple field (nargs): back to the field's type
+    return {f.name: tuple(getattr(args, f.name)) if isinstance(getattr(args, f.name), list)
+            else getattr(args, f.name) for f in _config_fields()}
+
+
 def train(args) -> dict:
+    if args.sweep:
+        return train_sweep(args)
     rank, world = 0, 1
     if args.parallel != "none":  # under torchrun
         from . import distributed
         rank, world, device = distributed.init(args.device)
         args.device = str(device)
     data, d_in, described = _train_data(args, rank, world)
-    # argparse gives a list for a tuple field (nargs): back to the field's type
-    cfg = TrainConfig(**{f.name: tuple(getattr(args, f.name))
-                         if isinstance(getattr(args, f.name), list) else getattr(args, f.name)
-                         for f in _config_fields()}, extra=described)
+    cfg = TrainConfig(**_config_dict(args), extra=described)
+    sinks = _sinks(args, cfg, args.out) if rank == 0 else []
     # The trainer holds the run folder from here until summary.json is written.
     with Trainer(cfg, d_in, data, args.out, device=args.device, resume=args.resume,
-                 overwrite=args.overwrite) as trainer:
+                 overwrite=args.overwrite, sinks=sinks) as trainer:
         for note in trainer.notes if rank == 0 else ():
             _say(note)
         bar = Progress(cfg.steps, "train", enabled=not args.quiet and rank == 0)
@@ -129,8 +149,12 @@ def train(args) -> dict:
             bar(step, total, f"loss={r['loss']:.4g} mse={r['mse']:.4g} L0={r['l0']:.3g} "
                              f"dead={100 * r['dead_fraction']:.0f}%")
 
-        trainer.train(progress=progress)
-        sae = trainer.sae
+        try:
+            trainer.train(progress=progress)
+        finally:
+            for sink in sinks:
+                sink.close()
+        sae = trainer.export_sae() if rank == 0 and cfg.parallel != "feature" else trainer.sae
         if args.parallel != "none":
             import torch.distributed as dist
             dist.destroy_process_group()  # the evaluation runs on rank 0 alone
@@ -138,12 +162,120 @@ def train(args) -> dict:
                 return {}
             if args.parallel == "feature":  # the whole SAE the trainer exported, once this
                 trainer.sae = trainer.opt = sae = None  # rank's slice is freed
-                sae = GatedSAE.load(os.path.join(args.out, "sae"), device=args.device,
-                                    backend=cfg.backend)
+                sae = load(os.path.join(args.out, "sae"), device=args.device,
+                           backend=cfg.backend)
         _say(f"trained {cfg.steps} steps; SAE in {args.out}/sae (SAELens format)")
         summary = _evaluate(sae, args)
         files.write_json(summary, os.path.join(args.out, "summary.json"))
     return summary
+
+
+def _sweep_values(args, parser) -> list:
+    """The members of --sweep: each ``KEY=V1,V2,...`` a list of values of a train option (the
+    members are every combination), or a JSON / YAML file listing the members' settings
+    (``[{"l1_coefficient": 1}, {"arch": "topk", "k": 32}]`` or ``{"members": [...]}``). Each
+    value is checked as the option's flag would check it."""
+    from .sweep import member_name
+    actions = {a.dest: a for a in parser._actions}
+    config_keys = {f.name for f in _config_fields()}
+    grid, listed = {}, []
+    for item in args.sweep:
+        if "=" not in item:  # a file of members
+            values = _read_config_any(item)
+            if isinstance(values, dict) and set(values) == {"members"}:
+                values = values["members"]
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"{item}: expected a list of members (mappings of train "
+                                  f"options), or {{\"members\": [...]}}")
+            for i, member in enumerate(values):
+                if not isinstance(member, dict):
+                    raise ConfigError(f"{item}: member {i} must be a mapping of train options")
+                checked = {}
+                for key, value in member.items():
+                    if key == "name":
+                        checked[key] = str(value)
+                        continue
+                    if key not in config_keys:
+                        raise ConfigError(f"{item}: member {i}: {key!r} is not a setting of an "
+                                          f"SAE (a TrainConfig field) that a sweep can vary")
+                    v = _config_value(item, f"member {i}: {key}", value, actions[key],
+                                      yaml=item.lower().endswith((".yaml", ".yml")))
+                    checked[key] = tuple(v) if isinstance(v, list) else v
+                listed.append(checked)
+            continue
+        key, _, text = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if key not in config_keys:
+            close = difflib.get_close_matches(key, config_keys, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"--sweep {item}: {key!r} is not a train option an SAE can vary"
+                              f"{hint}")
+        action = actions[key]
+        parsed = []
+        for raw in text.split(","):
+            try:
+                parsed.append(action.type(raw) if action.type else raw)
+            except ValueError:
+                want = _TYPE_NAMES.get(action.type, getattr(action.type, "__name__", "?"))
+                raise ConfigError(f"--sweep {item}: {raw!r} is not {want}") from None
+            if action.choices is not None and parsed[-1] not in action.choices:
+                raise ConfigError(f"--sweep {item}: {raw!r} is not one of "
+                                  f"{', '.join(map(str, action.choices))}")
+        grid[key] = parsed
+    if listed and grid:  # every listed member with every combination
+        combos = []
+        for m in listed:
+            for vals in itertools.product(*grid.values()):
+                combo = dict(zip(grid, vals))
+                combos.append(dict(m, **combo))
+                if "name" in m:
+                    combos[-1]["name"] = f"{m['name']}_{member_name(combo)}"
+    elif grid:
+        combos = [dict(zip(grid, vals)) for vals in itertools.product(*grid.values())]
+    else:
+        combos = listed
+    return combos
+
+
+def train_sweep(args) -> dict:
+    """--sweep: every member trained on one pass over the data (gsae_fast.sweep), then each
+    evaluated as a single run is (OUT/NAME/summary.json)."""
+    from .sweep import SweepTrainer, members
+    parser = _subparser(build_parser(), "train")
+    combos = _sweep_values(args, parser)
+    if args.parallel != "none":
+        raise ValueError("--sweep runs in one process: drop --parallel (or train the members "
+                         "as separate runs)")
+    data, d_in, described = _train_data(args)
+    cfgs, names = members(dict(_config_dict(args), extra=described), combos)
+    sinks = {n: _sinks(args, c, os.path.join(args.out, n), name=n) for c, n in zip(cfgs, names)}
+    with SweepTrainer(cfgs, d_in, data, args.out, names=names, device=args.device,
+                      resume=args.resume, overwrite=args.overwrite, sinks=sinks) as sweep:
+        for note in sweep.notes:
+            _say(note)
+        bar = Progress(cfgs[0].steps, "sweep", enabled=not args.quiet)
+
+        def progress(step, total, records):
+            for name, r in records.items():
+                if "skipped" in r:
+                    _say(f"{name} step {step}: skipped ({r['skipped']})")
+            bar(step, total, " ".join(f"L0={r['l0']:.3g}" for r in records.values()))
+
+        try:
+            sweep.train(progress=progress)
+        finally:
+            for member_sinks in sinks.values():
+                for sink in member_sinks:
+                    sink.close()
+        _say(f"trained {len(cfgs)} SAEs for {cfgs[0].steps} steps on one pass over the data: "
+             f"{', '.join(names)} in {args.out}/NAME/sae (SAELens format)")
+        out = {}
+        for m, name in zip(sweep.members, names):
+            _say(f"{name}:")
+            summary = _evaluate(m.export_sae(), args)
+            files.write_json(summary, os.path.join(args.out, name, "summary.json"))
+            out[name] = summary
+    return out
 
 
 def _evaluate(sae, args) -> dict:
@@ -303,6 +435,15 @@ def build_parser() -> argparse.ArgumentParser:
     on_off = dict(action=argparse.BooleanOptionalAction, default=False)
     t.add_argument("--resume", **on_off, help="continue from OUT/checkpoint.pt")
     t.add_argument("--overwrite", **on_off, help="replace a run already in OUT")
+    t.add_argument("--sweep", action="append", metavar="KEY=V1,V2,...|FILE", help=(
+        "train several SAEs on one pass over the data, each batch produced once: KEY=V1,V2,... "
+        "(repeatable: every combination) for any SAE setting, e.g. --sweep "
+        "l1_coefficient=0.5,1,2 --sweep arch=gated,jumprelu; or a JSON/YAML file listing the "
+        "members' settings. Each member gets OUT/NAME/ (log.jsonl, sae/, summary.json)"))
+    t.add_argument("--tensorboard", metavar="DIR", help="also log to TensorBoard event files "
+                   "in DIR (pip install gsae_fast[tensorboard])")
+    t.add_argument("--wandb", metavar="PROJECT", help="also log to Weights & Biases (offline "
+                   "unless WANDB_MODE says otherwise; pip install gsae_fast[wandb])")
     t.add_argument("--eval-tokens", type=int, default=2 ** 16)
     t.add_argument("--ce-contexts", type=int, default=32)
     t.add_argument("--device", default=device)
@@ -358,6 +499,17 @@ def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentP
 
 def _read_config(path: str) -> dict:
     """The mapping in a JSON file (YAML for .yaml/.yml, when PyYAML is installed)."""
+    values = _read_config_any(path)
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of option names to values, got "
+                          f"{type(values).__name__}")
+    return values
+
+
+def _read_config_any(path: str):
+    """The value in a JSON file (YAML for .yaml/.yml, when PyYAML is installed)."""
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
@@ -378,11 +530,6 @@ def _read_config(path: str) -> dict:
             values = json.loads(text)
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: not valid JSON: {e}") from None
-    if values is None:
-        values = {}
-    if not isinstance(values, dict):
-        raise ConfigError(f"{path}: expected a mapping of option names to values, got "
-                          f"{type(values).__name__}")
     return values
 
 
@@ -484,7 +631,7 @@ def main(argv=None) -> int:
         return 2
     try:
         args.func(args)
-    except (ValueError, RuntimeError, FloatingPointError, OSError) as e:
+    except (ValueError, RuntimeError, FloatingPointError, OSError, ImportError) as e:
         # bad input or a failed run: the message, no traceback
         if isinstance(e, OSError) and e.errno is not None and e.errno not in USER_OS_ERRORS:
             raise  # (an OSError without errno is one of this package's, with its message)

@@ -95,6 +95,30 @@ def _logged_step(line: str) -> float:
         return float("inf")
 
 
+@torch.no_grad()
+def estimate_norm_scale(data, batches: int, d_in: int, device, distributed: bool = False) -> float:
+    """SAELens' ``expected_average_only_in`` scale, ``sqrt(d_in) / mean |x|`` over the next
+    ``batches`` batches of ``data`` (``distributed``: over all ranks' shares)."""
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    for i in range(batches):
+        try:
+            x = next(data)
+        except StopIteration:
+            raise RuntimeError(f"the data ran out after {i} of the {batches} batches that "
+                               f"estimate the activations' norm (--norm-estimate-batches)"
+                               ) from None
+        x = x.to(device).reshape(-1, d_in).to(torch.float64)
+        total += torch.stack([x.norm(dim=-1).sum(), x.new_tensor(x.shape[0])])
+    if distributed:
+        torch.distributed.all_reduce(total)
+    mean = (total[0] / total[1]).item()
+    if not (math.isfinite(mean) and mean > 0):
+        raise ValueError(f"the activations' mean norm over {batches} batches is {mean}: "
+                         f"expected_average_only_in cannot scale them (normalize_activations "
+                         f"none)")
+    return math.sqrt(d_in) / mean
+
+
 class Trainer:
     """Trains the SAE of ``cfg.arch`` (:class:`~gsae_fast.GatedSAE`, ``JumpReLUSAE``, ``TopKSAE``,
     ``BatchTopKSAE``) on ``data`` (an iterator of ``[tokens, d_in]`` batches; with
@@ -437,34 +461,12 @@ class Trainer:
             interop.fold_input_scale(sae, self.norm_scale)
         return sae
 
-    @torch.no_grad()
-    def estimate_norm_scale(self) -> float:
-        """SAELens' ``expected_average_only_in`` scale, ``sqrt(d_in) / mean |x|`` over the next
-        ``norm_estimate_batches`` batches of the data (over all ranks' shares)."""
-        cfg = self.cfg
-        total = torch.zeros(2, dtype=torch.float64, device=self.device)
-        for i in range(cfg.norm_estimate_batches):
-            try:
-                x = next(self.data)
-            except StopIteration:
-                raise RuntimeError(f"the data ran out after {i} of the {cfg.norm_estimate_batches}"
-                                   f" batches that estimate the activations' norm "
-                                   f"(--norm-estimate-batches)") from None
-            x = x.to(self.device).reshape(-1, self.sae.d_in).to(torch.float64)
-            total += torch.stack([x.norm(dim=-1).sum(), x.new_tensor(x.shape[0])])
-        if cfg.parallel != "none":
-            torch.distributed.all_reduce(total)
-        mean = (total[0] / total[1]).item()
-        if not (math.isfinite(mean) and mean > 0):
-            raise ValueError(f"the activations' mean norm over {cfg.norm_estimate_batches} "
-                             f"batches is {mean}: expected_average_only_in cannot scale them "
-                             f"(normalize_activations none)")
-        return math.sqrt(self.sae.d_in) / mean
-
     def _train(self, progress, stop_after) -> list[dict]:
         cfg = self.cfg
         if cfg.normalize_activations != "none" and self.norm_scale is None:
-            self.norm_scale = self.estimate_norm_scale()
+            self.norm_scale = estimate_norm_scale(self.data, cfg.norm_estimate_batches,
+                                                  self.sae.d_in, self.device,
+                                                  distributed=cfg.parallel != "none")
         problems = self._parameter_problems()
         if problems:
             raise FloatingPointError(f"before step {self.step + 1}: {'; '.join(problems)}: "
@@ -580,6 +582,10 @@ class Trainer:
         features = self.features if self.cfg.parallel == "feature" else None
         state = checkpoints.read_checkpoint(path, features,
                                             check=lambda s: self._check_config(s, path))
+        self.load_state(state)
+
+    def load_state(self, state: dict) -> None:
+        """Continue from ``state`` (a :meth:`state_dict`, its configuration already checked)."""
         self.sae.load_state_dict(state["sae"])
         self.opt.load_state_dict(state["optimizer"])
         self.step, self.tokens = state["step"], state["tokens"]
@@ -599,11 +605,16 @@ class Trainer:
                 raise ValueError("the checkpoint has a data position but this data stream "
                                  "cannot resume (no load_state_dict)")
             self.data.load_state_dict(data)
-        if self.out_dir and self.rank == 0:  # drop log lines written after the checkpoint
-            log = os.path.join(self.out_dir, "log.jsonl")
-            if os.path.exists(log):
-                with open(log) as f:
-                    lines = f.readlines()
-                keep = [line for line in lines if _logged_step(line) <= self.step]
-                if keep != lines:  # atomically: a kill now must not lose the kept lines
-                    files.write_text("".join(keep), log)
+        if self.out_dir and self.rank == 0:
+            truncate_log(os.path.join(self.out_dir, "log.jsonl"), self.step)
+
+
+def truncate_log(log: str, step: int) -> None:
+    """Drop the lines of the log ``log`` written after ``step`` (by a run killed after its last
+    checkpoint), atomically: a kill now must not lose the kept lines."""
+    if os.path.exists(log):
+        with open(log) as f:
+            lines = f.readlines()
+        keep = [line for line in lines if _logged_step(line) <= step]
+        if keep != lines:
+            files.write_text("".join(keep), log)

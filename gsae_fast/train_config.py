@@ -4,7 +4,7 @@ learning-rate and sparsity schedules the fields define. gsae_fast.train runs it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Optional
 
 import torch
@@ -147,7 +147,30 @@ class TrainConfig:
         if self.betas is not None:
             self.betas = tuple(self.betas)
 
+    def _check_types(self) -> None:
+        """Each field holds a value of its type (an int where a float is expected is fine)."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            want = f.metadata.get("type") or (str if f.default is None else type(f.default))
+            if f.name == "extra" or value is None:
+                continue
+            if f.metadata.get("nargs") or isinstance(f.default, tuple):
+                ok = isinstance(value, tuple) and all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+            elif want is float:
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            elif want is int:
+                ok = isinstance(value, int) and not isinstance(value, bool)
+            else:
+                ok = isinstance(value, want)
+            if not ok:
+                what = ("a tuple of numbers" if f.metadata.get("nargs") or
+                        isinstance(f.default, tuple) else getattr(want, "__name__", want))
+                raise ValueError(f"{f.name} must be {what}, got {value!r} "
+                                 f"({type(value).__name__})")
+
     def check(self) -> None:
+        self._check_types()
         if self.arch not in ARCHS:
             raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
         allowed = ("unit_norm", "norm_penalty") if self.arch == "gated" else ("unit_norm", "free")

@@ -123,13 +123,18 @@ def cache_training_batches(cache: PathLike, batch_size: int, *, seed: int = 0, d
                            rank: int = 0, world: int = 1):
     """``(batches, d_in, described)``: endless shuffled batches of ``batch_size`` activations
     of the cache in ``cache`` (with ``world`` ranks, rank ``rank``'s slice of each), its
-    width, and ``{"cache": path, "n_tokens": n}``."""
+    width, and ``{"cache": path, "n_tokens": n}`` with the origin the cache records (model,
+    layer, context_len, data, ...)."""
     c = ActivationCache(cache)
     if c.n_tokens < batch_size:
         raise ValueError(f"the cache holds {c.n_tokens} activations, fewer than one batch "
                          f"of {batch_size} (--batch-size)")
     data = c.batches(batch_size, seed=seed, epochs=None, drop_last=True, device=device)
-    described = {"cache": os.path.abspath(cache), "n_tokens": c.n_tokens}
+    # what the cache says of its origin (model, layer, context, data): SAELens' metadata of
+    # the SAE trained on it (gsae_fast.interop.training_metadata)
+    origin = {k: c.metadata[k] for k in ("model", "layer", "context_len", "data", "prepend_bos",
+                                         "exclude_special_tokens") if k in c.metadata}
+    described = {"cache": os.path.abspath(cache), "n_tokens": c.n_tokens, **origin}
     if world == 1:
         return data, c.d_in, described
     from ..distributed import RankShard
