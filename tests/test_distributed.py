@@ -32,6 +32,11 @@ SYN = SyntheticConfig(d_in=D_IN, n_features=40, target_l0=4)
 # B: SAELens' recipe on the sparse path throughout (the dense switch turned off).
 RUNS = {"A": (dict(decoder="unit_norm", aux="frozen"), None),
         "B": (dict(decoder="norm_penalty", aux="shared"), 1.0)}
+# The other architectures, data parallel (feature sharding is Gated-only): dead features from
+# the first steps on, so that AuxK and the pre-activation loss act.
+DATA_RUNS = {"jumprelu": dict(arch="jumprelu", pre_act_loss_coefficient=0.01,
+                              dead_after_tokens=64),
+             "topk": dict(arch="topk", k=4, dead_after_tokens=64)}
 LOSS_CASES = [(sp, aux, dense) for sp in ("unit", "decoder_norm")
               for aux in ("frozen", "shared", "none") for dense in (False, True)]
 TOL = 1e-10  # float64 throughout: only summation order differs
@@ -157,6 +162,9 @@ def _worker(rank, port, root):
                 for mode in ("feature", "data"):
                     tr = Trainer(config(parallel=mode, **kw), D_IN, data())
                     out["runs"][name, mode] = (losses(tr.train()), snapshot(tr), tr.features)
+        for name, kw in DATA_RUNS.items():
+            tr = Trainer(config(parallel="data", **kw), D_IN, data())
+            out["runs"][name, "data"] = (losses(tr.train()), snapshot(tr), tr.features)
         a = RUNS["A"][0]
         Trainer(config(parallel="feature", **a), D_IN, data(), os.path.join(root, "feat_full")
                 ).train()
@@ -189,6 +197,9 @@ def run(tmp_path_factory):
             with dense_switch(fraction):
                 tr = Trainer(config(**kw), D_IN, Stream())
                 single[name] = (losses(tr.train()), snapshot(tr))
+        for name, kw in DATA_RUNS.items():
+            tr = Trainer(config(**kw), D_IN, Stream())
+            single[name] = (losses(tr.train()), snapshot(tr))
         Trainer(config(**RUNS["A"][0]), D_IN, Stream(),
                 os.path.join(root, "single_half")).train(stop_after=5)
     mp.spawn(_worker, args=(_free_port(), root), nprocs=WORLD)
@@ -259,7 +270,7 @@ def test_feature_sharded_training_matches_one_process(run, name):
             assert rel_err(torch.cat(got, dim), value) < TOL, key
 
 
-@pytest.mark.parametrize("name", list(RUNS))
+@pytest.mark.parametrize("name", list(RUNS) + list(DATA_RUNS))
 def test_data_parallel_training_matches_one_process(run, name):
     want_records, want = run["single"][name]
     for r in run["ranks"]:
