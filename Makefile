@@ -20,6 +20,8 @@ install-test: install
 	# Peers for the parity tests (tests/test_peers.py); dictionary-learning without its deps.
 	$(PIP) install -q -r requirements-peers.txt
 	$(PIP) install -q --no-deps -r requirements-peers-nodeps.txt
+	# A headless browser for the dashboard's page test (tests/test_dashboard.py skips it without one).
+	command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; } || echo "chromium not installed: the dashboard's page test will be skipped"
 
 # The embedded default: synthetic features with a known ground truth, no download (~1 min on
 # 2 CPU cores): trains a Gated SAE, prints the feature recovery, metrics and step times.

@@ -292,6 +292,6 @@ setup(
     packages=["gsae_fast", "gsae_fast.data", "gsae_fast.interp", "gsae_fast.saes",
               "gsae_fast.kernels"],
     package_dir={"gsae_fast": "gsae_fast", "gsae_fast.kernels": "kernels"},
-    package_data={"gsae_fast": [BUILD_INFO]},
+    package_data={"gsae_fast": [BUILD_INFO, "dashboard_assets/*"]},
     **extension_setup(),
 )

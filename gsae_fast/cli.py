@@ -1,10 +1,11 @@
-"""The ``gsae-fast`` command: ``demo``, ``cache``, ``train``, ``eval``, ``study``.
+"""The ``gsae-fast`` command: ``demo``, ``cache``, ``train``, ``eval``, ``features``, ``study``.
 
     gsae-fast demo                       # synthetic features, no download: train, recover, time
     gsae-fast cache --model DIR --data a.txt b.jsonl --layer resid:6 --out acts/
     gsae-fast train --cache acts/ --out run/ --d-sae 16384 --l1-coefficient 1 --steps 20000
     gsae-fast train --model DIR --data a.txt --layer resid:6 --out run/ ...
     gsae-fast eval run/sae --cache acts/ [--model DIR --data a.txt --layer resid:6]
+    gsae-fast features run/sae --model DIR --data a.txt --layer resid:6 --out dash/
 
 Every TrainConfig field is a ``train`` flag (``--d-sae``, ``--lr``, ...), with the help and
 choices its field declares; ``--resume`` continues a run from its ``checkpoint.pt``;
@@ -320,8 +321,54 @@ def eval_command(args) -> dict:
     from .interop import load
     sae = load(args.sae, device=args.device)
     summary = _evaluate(sae, args)
+    if args.dashboard:
+        summary["feature_effects"] = _eval_effects_page(sae, args)
     if args.json:
         files.write_json(summary, args.json)
+    return summary
+
+
+def _eval_effects_page(sae, args) -> dict:
+    """--dashboard DIR: the features whose zero-ablation moves the LM loss most (attribution
+    patching on the --ce-contexts contexts), a page DIR/eval_effects.html linked into DIR."""
+    from . import dashboard
+    if not args.model:
+        raise ValueError("--dashboard needs --model, --data and --layer: the effects are on "
+                         "the model's loss")
+    index = dashboard.read_index(args.dashboard)
+    if index is None or index["d_sae"] != sae.d_sae:
+        raise ValueError(f"{args.dashboard} holds no dashboard of this SAE ({sae.d_sae} "
+                         f"features): build it with gsae-fast features {args.sae} --out "
+                         f"{args.dashboard} ...")
+    model, tokenizer = _loaded_model(args)
+    source = sources.text_activations(model, tokenizer, args.data, args.layer,
+                                      context_len=args.context_len)
+    effects = dashboard.loss_effects(sae, model, args.layer,
+                                     source.token_contexts(args.ce_contexts))
+    page = dashboard.write_effects_page(
+        effects, args.dashboard, os.path.join(args.dashboard, "eval_effects.html"),
+        title=f"Features of {args.sae} by effect on the loss",
+        note="Change in the mean next-token loss when the feature is zero-ablated "
+             "(attribution patching); positive: the feature lowers the loss.")
+    _say(f"features by effect on the loss: {page}")
+    top = effects.abs().argsort(descending=True)[:10].tolist()
+    return {"page": page, "top": [[f, float(effects[f])] for f in top]}
+
+
+def features(args) -> dict:
+    """The feature dashboard (gsae_fast/dashboard.py): a static site in --out."""
+    from . import dashboard
+    from .interop import load
+    sae = load(args.sae, device=args.device)
+    model, tokenizer = _loaded_model(args)
+    summary = dashboard.build_dashboard(
+        sae, model, tokenizer, args.data, args.layer, args.out, tokens=args.tokens,
+        k=args.top_k, context_len=args.context_len, batch_contexts=args.batch_contexts,
+        resume=args.resume, through_norm=args.final_norm, neuronpedia=args.neuronpedia,
+        quiet=args.quiet, names={"sae": os.path.abspath(args.sae),
+                                 "model": os.path.abspath(args.model)})
+    _say(f"dashboard of {summary['features']} features ({summary['dead']} never fired) over "
+         f"{summary['tokens']} tokens: open {summary['index']}")
     return summary
 
 
@@ -460,8 +507,32 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--ce-contexts", type=int, default=32)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--json", help="also write the results here")
+    e.add_argument("--dashboard", metavar="DIR",
+                   help="a feature dashboard of this SAE (gsae-fast features): write "
+                        "DIR/eval_effects.html, the features by effect on the loss, linked "
+                        "into it (needs --model)")
     e.add_argument("--device", default=device)
     e.set_defaults(func=eval_command)
+
+    fe = sub.add_parser("features", help="a feature dashboard: a static site of every "
+                                         "feature (top contexts, sample, histogram, logit "
+                                         "tables) that opens from disk")
+    fe.add_argument("sae", help="an SAE folder (SAELens format, e.g. OUT/sae) or ae.pt folder")
+    model_flags(fe, required=True)
+    fe.add_argument("--out", required=True, help="the site's folder (open OUT/index.html)")
+    fe.add_argument("--tokens", type=int, default=2 ** 20, help="tokens to read from the "
+                    "texts (fewer if they end first)")
+    fe.add_argument("--top-k", type=int, default=20,
+                    help="top activations and sampled ones kept per feature")
+    fe.add_argument("--final-norm", action="store_true",
+                    help="logit tables through the model's final norm")
+    fe.add_argument("--neuronpedia", action=argparse.BooleanOptionalAction, default=True,
+                    help="also write OUT/neuronpedia/batch-N.json (SAEDashboard's layout)")
+    fe.add_argument("--resume", action="store_true",
+                    help="continue the reduction saved in OUT (or add --tokens to it)")
+    fe.add_argument("--device", default=device)
+    fe.add_argument("--quiet", action="store_true", help="no progress bar")
+    fe.set_defaults(func=features)
 
     s = sub.add_parser("study", help="measured studies on the embedded setup: the Gated SAE's "
                                      "auxiliary term (frozen / shared / none) and the "
