@@ -5,7 +5,7 @@ torch.topk per feature merged across batches, histogram by bucketize on the dens
 sample by the same hash priorities on the dense matrix). Time and peak resident memory, each
 (method, L0) in a fresh process so that the peak is its own; prints a markdown table.
 
-    python bench/bench_features.py --tokens 1000000
+    python bench/bench_features.py --tokens 1000000      # writes bench/results/features_cpu.md
 """
 import argparse
 import json
@@ -16,7 +16,18 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _harness import ROOT, md_table, reset_peak, rss_kb, timeit  # noqa: E402
+from _harness import (  # noqa: E402
+    RESULTS,
+    ROOT,
+    cpu_name,
+    git_commit,
+    md_table,
+    reset_peak,
+    rss_kb,
+    stamp,
+    timeit,
+    write_pair,
+)
 
 sys.path.insert(0, ROOT)  # this tree's gsae_fast
 
@@ -64,7 +75,9 @@ class DenseStats:
         self.top_v = top.values
         self.top_t = torch.cat([self.top_t, token]).gather(0, top.indices)
         feats = torch.arange(d_sae).expand(b, d_sae)
-        pri = priority(self.seed, feats, docs.unsqueeze(1), pos.unsqueeze(1))
+        # the priorities FeatureStats draws (its hash keeps the bits a packed sort key leaves)
+        pri = priority(self.seed, feats, docs.unsqueeze(1), pos.unsqueeze(1),
+                       62 - d_sae.bit_length())
         pri = torch.where(fire, pri, 2 ** 63 - 1)
         smp = torch.cat([self.smp_p, pri]).topk(self.k, dim=0, largest=False)
         self.smp_p = smp.values
@@ -118,6 +131,8 @@ def main():
     ap.add_argument("--d-sae", type=int, default=16384)
     ap.add_argument("--k", type=int, default=20)
     ap.add_argument("--l0", type=int, nargs="+", default=[32, 64])
+    ap.add_argument("--out", default=RESULTS, help="where features_cpu.md/.json go ('' for "
+                    "none)")
     ap.add_argument("--only", help=argparse.SUPPRESS)  # "method,l0": the child process
     a = ap.parse_args()
     if a.only:
@@ -141,11 +156,36 @@ def main():
         rows.append([r["method"], r["l0"], f"{r['update_s']:.2f}",
                      f"{a.tokens / r['update_s']:.0f}", f"{r['peak_mb']:.0f}",
                      f"{dense['update_s'] / r['update_s']:.1f}x"])
-    print(f"FeatureStats vs dense: {a.tokens} tokens, batch {a.batch}, d_sae {a.d_sae}, "
-          f"k {a.k}, 32 histogram bins, CPU threads {os.environ.get('BENCH_THREADS', '2')}\n")
-    print("\n".join(md_table(["method", "L0", "time (s)", "tokens/s", "peak RSS (MB)",
-                              "speed-up vs dense"], rows,
-                             ["---", "---:", "---:", "---:", "---:", "---:"])))
+    threads = os.environ.get("BENCH_THREADS", "2")
+    head = (f"FeatureStats vs dense: {a.tokens} tokens, batch {a.batch}, d_sae {a.d_sae}, "
+            f"k {a.k}, 32 histogram bins, CPU threads {threads}")
+    table = "\n".join(md_table(["method", "L0", "time (s)", "tokens/s", "peak RSS (MB)",
+                                "speed-up vs dense", "memory vs dense"],
+                               [r + [f"{d['peak_mb'] / max(s['peak_mb'], 1e-9):.1f}x"]
+                                for r, s, d in _pairs(rows, results)],
+                               ["---", "---:", "---:", "---:", "---:", "---:", "---:"]))
+    print(head + "\n\n" + table)
+    if not a.out:
+        return
+    import torch
+    meta = dict(command=" ".join(["python", os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
+                date=stamp(), commit=git_commit(), cpu=cpu_name(), cores=os.cpu_count(),
+                threads=int(threads), torch=torch.__version__, tokens=a.tokens, batch=a.batch,
+                d_sae=a.d_sae, k=a.k)
+    md = (f"# Feature statistics: FeatureStats (sparse) vs a dense PyTorch reduction\n\n"
+          f"`{meta['command']}`, {meta['date']}, commit {meta['commit']}, CPU {meta['cpu']} "
+          f"({meta['cores']} cores, {threads} threads), torch {meta['torch']}. {head}. "
+          f"Synthetic sparse activations (the model's forward is the same for both and left "
+          f"out); each (method, L0) in a fresh process, one run; time excludes generating the "
+          f"input; peak RSS added by the run.\n\n{table}\n")
+    write_pair(os.path.join(a.out, "features_cpu"), md, {"meta": meta, "results": results})
+
+
+def _pairs(rows, results):
+    """Each table row with its sparse and dense results (same L0)."""
+    for row, r in zip(rows, results):
+        dense = next(d for d in results if d["method"] == "dense" and d["l0"] == r["l0"])
+        yield row, r, dense
 
 
 if __name__ == "__main__":
