@@ -18,6 +18,7 @@ import json
 import os
 import uuid
 import warnings
+import weakref
 from typing import IO, Iterator, Optional
 
 try:  # POSIX; elsewhere the folder lock is a no-op (with a warning)
@@ -158,3 +159,29 @@ class FolderLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+class HoldsFolder:
+    """What holds a run folder's :class:`FolderLock` (a Trainer, a sweep) shares: the lock is
+    taken by :meth:`_hold` and released by :meth:`close` (idempotent), the end of a ``with``
+    block, or the holder's collection."""
+
+    _lock: Optional[FolderLock] = None  # (None: no folder held, e.g. a rank other than 0)
+
+    def _hold(self, folder: str) -> FolderLock:
+        """The lock of ``folder``, released when this object is collected if close() was not
+        called (the caller acquires it)."""
+        self._lock = FolderLock(folder)
+        self._release = weakref.finalize(self, self._lock.release)
+        return self._lock
+
+    def close(self) -> None:
+        """Release the folder (idempotent): another run may then use it."""
+        if self._lock is not None:
+            self._lock.release()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -24,11 +24,9 @@ common step, and ``resume=True`` continues all of them exactly. A resume with ot
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import re
 import shutil
-import weakref
 from dataclasses import asdict, fields
 from typing import Callable, Optional, Sequence
 
@@ -79,7 +77,7 @@ def members(base: dict, overrides: Sequence[dict]) -> tuple[list, list]:
     return cfgs, names
 
 
-class SweepTrainer:
+class SweepTrainer(files.HoldsFolder):
     """Trains every configuration of ``cfgs`` on the batches of ``data`` (see the module's
     docstring); ``out_dir`` receives ``NAME/`` per member (``names``: default from the
     settings that differ) and the sweep's checkpoint. Holds the folder's lock (as a Trainer
@@ -111,7 +109,6 @@ class SweepTrainer:
             m.sinks = list((sinks or {}).get(name, ()))
         self.step = 0
         self.notes: list[str] = []
-        self._lock = None
         if out_dir is None:
             if resume:
                 raise FileNotFoundError("resume=True needs the sweep's out_dir")
@@ -119,10 +116,7 @@ class SweepTrainer:
         if os.path.exists(out_dir) and not os.path.isdir(out_dir):
             raise NotADirectoryError(f"{out_dir} is a file: the sweep's output must be a folder")
         os.makedirs(out_dir, exist_ok=True)
-        self._lock = files.FolderLock(out_dir)
-        # released when this sweep is collected, if close() was not called
-        self._release = weakref.finalize(self, self._lock.release)
-        self._lock.acquire()
+        self._hold(out_dir).acquire()
         try:
             self._open(resume, overwrite)
         except BaseException:
@@ -135,16 +129,6 @@ class SweepTrainer:
 
     def folder(self, name: str) -> str:
         return os.path.join(self.out_dir, name)
-
-    def close(self) -> None:
-        if self._lock is not None:
-            self._lock.release()
-
-    def __enter__(self) -> "SweepTrainer":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def _open(self, resume: bool, overwrite: bool) -> None:
         for name in os.listdir(self.out_dir):  # temporaries of writers killed mid-write
@@ -240,12 +224,7 @@ class SweepTrainer:
                     rec = m.train_step(x)
                     now[name] = rec
                     records[name].append(rec)
-                    if m.step % cfg.log_every == 0 or m.step == end or "skipped" in rec:
-                        if name in logs:  # whole lines, flushed (see Trainer._train)
-                            logs[name].write(json.dumps(rec) + "\n")
-                            logs[name].flush()
-                        for sink in m.sinks:
-                            sink.log(rec)
+                    m.log(rec, logs.get(name), end)
                 self.step += 1
                 if progress is not None:
                     progress(self.step, cfg.steps, now)

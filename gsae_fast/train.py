@@ -56,7 +56,6 @@ import math
 import os
 import shutil
 import time
-import weakref
 from dataclasses import asdict
 from typing import Callable, Optional
 
@@ -119,7 +118,7 @@ def estimate_norm_scale(data, batches: int, d_in: int, device, distributed: bool
     return math.sqrt(d_in) / mean
 
 
-class Trainer:
+class Trainer(files.HoldsFolder):
     """Trains the SAE of ``cfg.arch`` (:class:`~gsae_fast.GatedSAE`, ``JumpReLUSAE``, ``TopKSAE``,
     ``BatchTopKSAE``) on ``data`` (an iterator of ``[tokens, d_in]`` batches; with
     ``state_dict`` / ``load_state_dict`` for exact resumption).
@@ -173,7 +172,6 @@ class Trainer:
         self.since_fired = torch.zeros(self.sae.d_sae, dtype=torch.long, device=self.device)
         self.capacity: Optional[int] = None  # from the global largest row: picks dense/sparse
         self.local_capacity: Optional[int] = None  # "feature": this rank's encode
-        self._lock = None
         if out_dir is None:
             if resume:
                 raise FileNotFoundError("resume=True needs the run's out_dir")
@@ -185,9 +183,7 @@ class Trainer:
                                     f"{self.checkpoint_path}")
         os.makedirs(out_dir, exist_ok=True)
         if self.rank == 0:
-            self._lock = files.FolderLock(out_dir)
-            # released when this Trainer is collected, if close() was not called
-            self._release = weakref.finalize(self, self._lock.release)
+            self._hold(out_dir)
         self._acquire()
         try:
             self._open_run(resume, overwrite)
@@ -209,17 +205,6 @@ class Trainer:
             refused = box[0]
         if refused:
             raise files.FolderInUseError(refused)
-
-    def close(self) -> None:
-        """Release the run folder (idempotent): another Trainer may then use it."""
-        if self._lock is not None:
-            self._lock.release()
-
-    def __enter__(self) -> "Trainer":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def _open_run(self, resume: bool, overwrite: bool) -> None:
         out_dir = self.out_dir
@@ -461,6 +446,17 @@ class Trainer:
             interop.fold_input_scale(sae, self.norm_scale)
         return sae
 
+    def log(self, rec: dict, log_f, end: int) -> None:
+        """Write ``rec`` to the log file ``log_f`` (None: none) and the sinks when it is a step
+        to log: every ``log_every``, the last (``end``) and a skipped one. Whole lines appended
+        and flushed: a kill tears at most the last one, which a resume drops (truncate_log)."""
+        if self.step % self.cfg.log_every == 0 or self.step == end or "skipped" in rec:
+            if log_f is not None:
+                log_f.write(json.dumps(rec) + "\n")
+                log_f.flush()
+            for sink in self.sinks:
+                sink.log(rec)
+
     def _train(self, progress, stop_after) -> list[dict]:
         cfg = self.cfg
         if cfg.normalize_activations != "none" and self.norm_scale is None:
@@ -484,14 +480,8 @@ class Trainer:
                                        f"{self.step} of {cfg.steps}") from None
                 rec = self.train_step(x)
                 records.append(rec)
-                # Whole lines appended and flushed: a kill tears at most the last one, which
-                # a resume drops (load_checkpoint rewrites the log atomically).
-                if log_f is not None and (self.step % cfg.log_every == 0 or self.step == end
-                                          or "skipped" in rec):
-                    log_f.write(json.dumps(rec) + "\n")
-                    log_f.flush()
-                    for sink in self.sinks:
-                        sink.log(rec)
+                if log_f is not None:
+                    self.log(rec, log_f, end)
                 if progress is not None:
                     progress(self.step, cfg.steps, rec)
                 if self.out_dir and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
