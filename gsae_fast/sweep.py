@@ -33,7 +33,8 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from . import checkpoints, files
-from .train import TrainConfig, Trainer, estimate_norm_scale, truncate_log
+from .data.normalize import estimate_norm_scale
+from .train import TrainConfig, Trainer, truncate_log
 
 # The fields every member must share (see the module's docstring).
 SHARED = ("batch_size", "steps", "checkpoint_every", "log_every", "seed",
